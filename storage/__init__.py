@@ -1,0 +1,1 @@
+"""rmac.storage"""

@@ -1,0 +1,45 @@
+"""Where the Dask work runs: a LocalCluster of worker processes, or an existing scheduler."""
+from __future__ import annotations
+
+import os
+import sys
+from contextlib import contextmanager
+from typing import Iterator
+
+import dask
+from distributed import Client, LocalCluster
+
+# One BLAS/torch thread per worker process: Dask provides the parallelism, oversubscription only slows.
+_THREAD_ENV = {v: "1" for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                                 "NUMBA_NUM_THREADS")}
+
+
+def _default_workers() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+@contextmanager
+def get_client(scheduler: str | None = None, n_workers: int | None = None, quiet: bool = False,
+               dashboard: bool = True) -> Iterator[Client]:
+    """A Dask client: connect to ``scheduler`` (``tcp://host:port``) or start a LocalCluster with
+    ``n_workers`` processes (default: one per core) of one thread each. Prints the dashboard address."""
+    if scheduler:
+        client = Client(scheduler)
+        cluster = None
+    else:
+        n = n_workers or _default_workers()
+        with dask.config.set({"distributed.worker.daemon": False,
+                              "distributed.scheduler.allowed-failures": 3}):
+            cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+                                   dashboard_address=":0" if dashboard else None,
+                                   env=_THREAD_ENV, silence_logs="error")
+        client = Client(cluster)
+    if not quiet:
+        link = client.dashboard_link if dashboard or scheduler else "(dashboard off)"
+        print(f"dask: {len(client.scheduler_info()['workers'])} workers, dashboard {link}", file=sys.stderr)
+    try:
+        yield client
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()

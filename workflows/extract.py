@@ -1,0 +1,186 @@
+"""`rmac extract`: images → MAC + quantised activation maps in a Zarr store, one Dask task per partition.
+
+Each task loads the model once per worker process (cached), extracts its partition, writes its own rows
+of every array and finally its record file, which marks the partition done. Re-running skips finished
+partitions, so a crash, a Ctrl-C or a killed worker costs at most the partitions in flight; Dask
+re-runs the tasks of a lost worker on the others.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from rmac.ops.pooling import mac
+from rmac.ops.quantise import quantise
+from rmac.storage.images import BadImage, list_images, load_image
+from rmac.storage.store import Store, StoreConfig
+
+DEFAULT_BACKBONE = "efficientnet-lite0"
+DEFAULT_MAX_SIZE = 1024
+DEFAULT_PARTITION = 16
+DEFAULT_LEVELS = 31
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """Which network a worker should load (hashable: the worker-side cache key)."""
+
+    backbone: str = DEFAULT_BACKBONE
+    weights: str | None = None
+    random_weights: bool = False
+
+
+@functools.lru_cache(maxsize=2)
+def worker_model(choice: ModelChoice):
+    """The model of ``choice``, loaded once per worker process and kept."""
+    from rmac.storage.weights import load_backbone
+
+    return load_backbone(choice.backbone, weights=choice.weights, random_weights=choice.random_weights)
+
+
+def image_features(model, spec, image, max_size: int) -> np.ndarray:
+    """The (K, h, w) float32 activation maps of a PIL image."""
+    from rmac.ops.backbones import activations
+
+    return activations(model, spec, image, max_size=max_size)
+
+
+def extract_partition(store: Store, p: int, choice: ModelChoice) -> dict:
+    """Extract partition ``p`` of ``store`` and write it; returns its counts. Idempotent."""
+    if p in store.done_partitions():
+        return {"partition": p, "done": 0, "failed": 0, "skipped": len(store.partition_rows(p))}
+    model, spec = worker_model(choice)
+    cfg = store.config
+    rows = store.partition_rows(p)
+    n, K, S = len(rows), cfg.channels, cfg.map_side
+    macs = np.zeros((n, K), np.float32)
+    maps = np.zeros((n, K, S, S), np.uint8)
+    scale = np.zeros(n, np.float32)
+    map_hw = np.zeros((n, 2), np.int32)
+    image_hw = np.zeros((n, 2), np.int32)
+    records = []
+    for i, row in enumerate(rows):
+        rec = {"id": store.ids[row], "path": store.paths[row], "status": "done", "reason": None}
+        try:
+            image = load_image(store.paths[row])
+            x = image_features(model, spec, image, cfg.max_size)
+        except BadImage as e:
+            rec.update(status="failed", reason=e.reason)
+            records.append(rec)
+            continue
+        h, w = x.shape[1:]
+        if h > S or w > S:  # a backbone/geometry bug, not bad input: fail loudly
+            raise RuntimeError(f"{rec['id']}: map {h}x{w} exceeds the store's {S}x{S}")
+        macs[i] = mac(x)
+        maps[i, :, :h, :w], scale[i] = quantise(x, levels=cfg.levels)
+        map_hw[i] = (h, w)
+        image_hw[i] = (image.height, image.width)
+        rec.update(image_hw=[image.height, image.width], map_hw=[h, w])
+        records.append(rec)
+    store.write_partition(p, records, macs, maps, scale, map_hw, image_hw)
+    done = sum(r["status"] == "done" for r in records)
+    return {"partition": p, "done": done, "failed": n - done, "skipped": 0}
+
+
+def store_config(choice: ModelChoice, max_size: int, partition_size: int, levels: int) -> StoreConfig:
+    from rmac.ops.backbones import BACKBONES, max_map_side
+
+    if choice.backbone not in BACKBONES:
+        raise SystemExit(f"unknown backbone {choice.backbone!r}; choose one of {', '.join(BACKBONES)}")
+    spec = BACKBONES[choice.backbone]
+    weights = "random" if choice.random_weights else (Path(choice.weights).name if choice.weights else "pretrained")
+    return StoreConfig(backbone=choice.backbone, channels=spec.channels, max_size=max_size,
+                       map_side=max_map_side(spec, max_size), levels=levels, partition_size=partition_size,
+                       weights=weights)
+
+
+def extract(source: str, store_path: str, client, choice: ModelChoice = ModelChoice(),
+            max_size: int = DEFAULT_MAX_SIZE, partition_size: int = DEFAULT_PARTITION,
+            levels: int = DEFAULT_LEVELS, progress: bool = True) -> dict:
+    """Extract every image of ``source`` (folder or list file) into the store; resumes a partial one."""
+    items = list_images(source)
+    if not items:
+        raise SystemExit(f"rmac extract: no images found in {source}")
+    ids, paths = zip(*items)
+    store = Store.open_or_create(store_path, ids, paths, store_config(choice, max_size, partition_size, levels))
+    return run_partitions(store, client, choice, progress=progress)
+
+
+def run_partitions(store: Store, client, choice: ModelChoice, progress: bool = True) -> dict:
+    """Submit every pending partition of ``store``, wait, and summarise the whole store."""
+    from distributed import as_completed
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    pending = store.pending_partitions()
+    futures = [client.submit(extract_partition, store, p, choice, key=f"extract-{store.path.name}-{p}",
+                             retries=2, pure=False) for p in pending]
+    bar = tqdm(total=len(futures), desc="extract", unit="part", disable=not progress, file=sys.stderr)
+    try:
+        for fut in as_completed(futures):
+            fut.result()
+            bar.update(1)
+    except KeyboardInterrupt:
+        client.cancel(futures)
+        raise
+    finally:
+        bar.close()
+    return summarise(store, time.perf_counter() - t0, newly=len(pending))
+
+
+def summarise(store: Store, seconds: float = 0.0, newly: int = 0) -> dict:
+    """Counts and reasons over the whole store (JSON-able)."""
+    recs = store.records()
+    failed = [{"id": r["id"], "reason": r["reason"]} for r in recs if r["status"] == "failed"]
+    done = sum(r["status"] == "done" for r in recs)
+    return {
+        "store": str(store.path), "images": store.n_images, "done": done, "failed": len(failed),
+        "pending_partitions": len(store.pending_partitions()), "partitions_run": newly,
+        "seconds": round(seconds, 2), "map_bytes_per_image": round(store.map_bytes() / max(done, 1)),
+        "failures": failed,
+    }
+
+
+def print_summary(summary: dict) -> None:
+    print(f"extracted {summary['done']} of {summary['images']} images into {summary['store']} "
+          f"({summary['partitions_run']} partitions run in {summary['seconds']} s; "
+          f"{summary['map_bytes_per_image']} map bytes per image)")
+    if summary["failed"]:
+        print(f"{summary['failed']} failed:")
+        for f in summary["failures"]:
+            print(f"  {f['id']}: {f['reason']}")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("images", help="a folder of images (recursive) or a text file of image paths")
+    parser.add_argument("--store", required=True, help="the store folder (created or resumed)")
+    add_model_arguments(parser)
+    parser.add_argument("--partition-size", type=int, default=DEFAULT_PARTITION,
+                        help="images per task / Zarr shard (default %(default)s)")
+    parser.add_argument("--levels", type=int, default=DEFAULT_LEVELS,
+                        help="quantisation levels of the stored maps (default %(default)s)")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backbone", default=DEFAULT_BACKBONE, help="default %(default)s")
+    parser.add_argument("--weights", help="a local weights file (vgg16, alexnet, resnet50, resnet101)")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="random weights: for speed benchmarks only, refused by evaluation")
+    parser.add_argument("--max-size", type=int, default=DEFAULT_MAX_SIZE,
+                        help="longer image side in pixels (default %(default)s)")
+
+
+def main(args: argparse.Namespace, client) -> int:
+    choice = ModelChoice(args.backbone, args.weights, args.random_weights)
+    summary = extract(args.images, args.store, client, choice, args.max_size, args.partition_size, args.levels)
+    print_summary(summary)
+    if getattr(args, "json", None):
+        import json
+        print(json.dumps(summary, indent=1))
+    return 0 if summary["done"] > 0 else 1
