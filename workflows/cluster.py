@@ -1,6 +1,7 @@
 """Where the Dask work runs: a LocalCluster of worker processes, or an existing scheduler."""
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from contextlib import contextmanager
@@ -32,7 +33,7 @@ def get_client(scheduler: str | None = None, n_workers: int | None = None, quiet
                               "distributed.scheduler.allowed-failures": 3}):
             cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
                                    dashboard_address=":0" if dashboard else None,
-                                   env=_THREAD_ENV, silence_logs="error")
+                                   env=_THREAD_ENV, silence_logs=logging.ERROR)
         client = Client(cluster)
     if not quiet:
         link = client.dashboard_link if dashboard or scheduler else "(dashboard off)"

@@ -100,11 +100,12 @@ def store_config(choice: ModelChoice, max_size: int, partition_size: int, levels
                        weights=weights)
 
 
-def extract(source: str, store_path: str, client, choice: ModelChoice = ModelChoice(),
+def extract(source: str | list[tuple[str, str]], store_path: str, client, choice: ModelChoice = ModelChoice(),
             max_size: int = DEFAULT_MAX_SIZE, partition_size: int = DEFAULT_PARTITION,
             levels: int = DEFAULT_LEVELS, progress: bool = True) -> dict:
-    """Extract every image of ``source`` (folder or list file) into the store; resumes a partial one."""
-    items = list_images(source)
+    """Extract every image of ``source`` (a folder, a list file, or (id, path) pairs) into the store at
+    ``store_path``; resumes a partial store and skips a finished one."""
+    items = list_images(source) if isinstance(source, (str, Path)) else list(source)
     if not items:
         raise SystemExit(f"rmac extract: no images found in {source}")
     ids, paths = zip(*items)

@@ -117,8 +117,13 @@ def shard_ranges(store: Store, shard_rows: int) -> list[tuple[int, int]]:
 def build_index(store: Store, client, whiten_on: Store | None = None, L: int = DEFAULT_L,
                 dim: int | None = DEFAULT_DIM, shard_rows: int = DEFAULT_SHARD_ROWS,
                 index_kind: str = "flat", whiten_subset: np.ndarray | None = None,
-                whiten_label: str | None = None, progress: bool = True) -> dict:
-    """Whitening, global vectors and FAISS shards for ``store``; returns timings and what was built."""
+                whiten_label: str | None = None, whitening: wh.Whitening | None = None,
+                progress: bool = True) -> dict:
+    """Whitening, global vectors and FAISS shards for ``store``; returns timings and what was built.
+
+    The whitening is fitted on ``whiten_on`` (default: the store itself), on the rows of
+    ``whiten_subset`` only when given; or taken as given (``whitening``, labelled ``whiten_label``),
+    which is how distractor stores share the whitening of the dataset they are added to."""
     from distributed import wait
 
     from rmac.storage.index import write_manifest
@@ -130,7 +135,7 @@ def build_index(store: Store, client, whiten_on: Store | None = None, L: int = D
                          f"the store {store.config.backbone}: they must match")
     timings = {}
     t = time.perf_counter()
-    w = fit_whitening(source, client, L, dim, whiten_subset)
+    w = whitening if whitening is not None else fit_whitening(source, client, L, dim, whiten_subset)
     timings["whitening_s"] = time.perf_counter() - t
     fitted_on = whiten_label or str(source.path)
     store.save_whitening(w.mean, w.proj, w.eigvals, {

@@ -1,0 +1,220 @@
+"""`rmac evaluate`: extract (cached in a store), index, and score every method on a dataset.
+
+Methods (the paper's Table 2 / Figure 4): ``mac`` and ``rmac`` (filtering only), ``mac+aml`` and
+``rmac+aml`` (AML re-ranking of the top N with the MAC / R-MAC localised similarity), ``rmac+aml+qe``.
+Whitening is never learned on the test queries or their positives: by default it is fitted on the
+dataset's distractors (images in no query's ground truth), or on ``--whiten-on STORE`` (the paper
+learns Oxford's on Paris and vice versa). ``--distractors STORE`` adds extracted stores to the database.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from rmac.ops.evaluate import compute_map, compute_map_revisited, iou
+from rmac.storage.datasets import Dataset, load_dataset
+from rmac.storage.store import Store, StoreError
+from rmac.workflows.extract import ModelChoice, add_model_arguments, extract
+from rmac.workflows.index import DEFAULT_L, build_index, load_whitening
+from rmac.workflows.search import (Database, QueryVectors, Ranking, SearchParams, answer, localise_exhaustive, query_maps,
+                                   query_vectors)
+
+METHODS = {
+    "mac": SearchParams(filter="mac", rerank=False, qe=0),
+    "rmac": SearchParams(filter="rmac", rerank=False, qe=0),
+    "mac+aml": SearchParams(filter="mac", rerank=True, qe=0),
+    "rmac+aml": SearchParams(filter="rmac", rerank=True, qe=0),
+    "rmac+aml+qe": SearchParams(filter="rmac", rerank=True, qe=5),
+}
+KAPPAS = (1, 5, 10)
+
+
+def whitening_subset(ds: Dataset, rows_of: dict[str, int], n: int) -> np.ndarray:
+    """Rows of images that are in no query's ground truth and are no query image: the distractors."""
+    used = set()
+    for q in ds.queries:
+        used.update(q.ok, q.junk, q.easy or [], q.hard or [], [q.image])
+    mask = np.zeros(n, dtype=bool)
+    for i, r in rows_of.items():
+        mask[r] = i not in used
+    return mask
+
+
+def default_store(ds: Dataset, choice: ModelChoice, max_size: int) -> Path:
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", ds.name)
+    return Path("stores") / f"{name}-{choice.backbone}-{max_size}"
+
+
+def full_ranking(rows: np.ndarray, n_db: int) -> np.ndarray:
+    """``rows`` followed by every other database row (unranked rows keep index order)."""
+    rest = np.setdiff1d(np.arange(n_db), rows, assume_unique=False)
+    return np.concatenate([rows, rest])
+
+
+def score(ranks: np.ndarray, gnd: list[dict], revisited: bool) -> dict:
+    """mAP and mean precision at 1/5/10, in percent (one entry per protocol when revisited)."""
+    def pack(m, pr):
+        return {"map": round(100 * float(m), 2),
+                **{f"mp@{k}": round(100 * float(p), 2) for k, p in zip(KAPPAS, pr)}}
+
+    if revisited:
+        res = compute_map_revisited(ranks, gnd, kappas=KAPPAS)
+        return {proto: pack(res[proto]["map"], [res[proto][f"mp@{k}"] for k in KAPPAS])
+                for proto in ("easy", "medium", "hard")}
+    m, _, pr, _ = compute_map(ranks, gnd, kappas=KAPPAS)
+    return pack(m, pr)
+
+
+@dataclass
+class Evaluation:
+    """The JSON result, plus what a report needs: the dataset, the database and every ranking."""
+
+    result: dict
+    dataset: Dataset
+    db: Database
+    rankings: dict[str, list[Ranking]]
+    queries: list[QueryVectors]
+
+
+def evaluate(dataset: str, client, choice: ModelChoice = ModelChoice(), max_size: int = 1024,
+             store: str | None = None, distractors: tuple[str, ...] = (), whiten_on: str | None = None,
+             top_n: int = 1000, methods: tuple[str, ...] = tuple(METHODS), rank_depth: int = 10_000,
+             L: int = DEFAULT_L, progress: bool = True) -> Evaluation:
+    """Evaluate ``methods`` on ``dataset``; the result holds mAP in percent."""
+    if choice.random_weights:
+        raise SystemExit("rmac evaluate: random weights are for speed benchmarks only")
+    ds = load_dataset(dataset)
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    store_path = Path(store) if store else default_store(ds, choice, max_size)
+    summary = extract([(i, str(ds.image_paths[i])) for i in ds.images], str(store_path), client, choice,
+                      max_size, progress=progress)
+    timings["extract_s"] = time.perf_counter() - t
+    st = Store(store_path)
+    rows_of = {i: r for r, i in enumerate(st.ids)}
+
+    t = time.perf_counter()
+    if whiten_on:
+        label = whiten_on
+        index_info = build_index(st, client, whiten_on=Store(whiten_on), L=L, whiten_label=label,
+                                 progress=progress)
+    else:
+        subset = whitening_subset(ds, rows_of, st.n_images) & st.valid_rows()
+        label = f"{ds.name} distractors ({int(subset.sum())} images, no query or positive)"
+        index_info = build_index(st, client, L=L, whiten_subset=subset, whiten_label=label,
+                                 progress=progress)
+    w = load_whitening(st)
+    extra = [Store(p) for p in distractors]
+    for d in extra:
+        build_index(d, client, L=L, whitening=w, whiten_label=label, progress=progress)
+    timings["index_s"] = time.perf_counter() - t
+
+    db = Database([st, *extra])
+    t = time.perf_counter()
+    futures = [client.submit(query_maps, str(ds.image_paths[q.image]), q.bbox, choice, max_size, pure=False)
+               for q in ds.queries]
+    qvs = []
+    for f in futures:
+        maps, hw, bbox = f.result()
+        qvs.append(query_vectors(maps, w, L, hw, bbox))
+    timings["queries_s"] = time.perf_counter() - t
+
+    gnd = ds.gnd(rows_of)
+    n_db = db.n_images
+    depth = min(n_db, max(rank_depth, top_n))
+    w_future = client.scatter(w, broadcast=True)
+    results, rankings, per_method = {}, {}, {}
+    for name in methods:
+        base = METHODS[name]
+        params = SearchParams(**{**base.__dict__, "top_n": top_n, "L": L})
+        t = time.perf_counter()
+        ranked = []
+        for i, qv in enumerate(qvs):
+            reuse_key = (params.filter, i)
+            prev = rankings.get(reuse_key) if params.rerank else None
+            r = answer(db, client, qv, params, w_future, k=depth, reranked=prev)
+            if params.rerank:
+                rankings[reuse_key] = r.reranked
+            ranked.append(r)
+        timings[f"{name}_s"] = time.perf_counter() - t
+        ranks = np.stack([full_ranking(r.rows, n_db) for r in ranked], axis=1)
+        results[name] = score(ranks, gnd, ds.revisited)
+        per_method[name] = ranked
+    out = {
+        "dataset": ds.name, "backbone": choice.backbone, "max_size": max_size, "whitening": label,
+        "n_images": n_db, "n_queries": len(ds.queries), "top_n": top_n, "methods": results,
+        "extract": {k: summary[k] for k in ("done", "failed", "map_bytes_per_image")},
+        "timings": {k: round(v, 2) for k, v in timings.items()},
+    }
+    if any(q.boxes for q in ds.queries) and "rmac+aml" in methods:
+        out["localisation"] = localisation(ds, db, client, qvs, rankings, rows_of)
+    return Evaluation(result=out, dataset=ds, db=db, rankings=per_method, queries=qvs)
+
+
+def localisation(ds: Dataset, db: Database, client, qvs, rankings: dict, rows_of: dict) -> dict:
+    """Mean IoU with the true boxes of the AML box (from R-MAC re-ranking) and of the exhaustive optimum,
+    over every (query, positive) pair with a known box (the paper's Section 8)."""
+    aml, exhaustive = [], []
+    pairs = []
+    for i, (q, qv) in enumerate(zip(ds.queries, qvs)):
+        for img, true_box in (q.boxes or {}).items():
+            if img in rows_of:
+                pairs.append((i, rows_of[img], tuple(true_box)))
+    futures = [client.submit(localise_exhaustive, db.stores[0], row, qvs[i].mac, pure=False)
+               for i, row, _ in pairs]
+    for (i, row, true_box), f in zip(pairs, futures):
+        reranked = rankings.get(("rmac", i)) or {}
+        if row in reranked:
+            aml.append(iou(reranked[row][1], true_box))
+        exhaustive.append(iou(f.result(), true_box))
+    return {"pairs": len(pairs), "aml_pairs": len(aml),
+            "iou_aml": round(100 * float(np.mean(aml)), 2) if aml else None,
+            "iou_exhaustive": round(100 * float(np.mean(exhaustive)), 2) if exhaustive else None}
+
+
+def print_table(res: dict) -> None:
+    print(f"{res['dataset']}: {res['n_images']} images, {res['n_queries']} queries, {res['backbone']} "
+          f"@ {res['max_size']} px; whitening: {res['whitening']}")
+    for name, m in res["methods"].items():
+        if "map" in m:
+            print(f"  {name:<13} mAP {m['map']:6.2f}  mP@1 {m['mp@1']:6.2f}  mP@5 {m['mp@5']:6.2f}  "
+                  f"mP@10 {m['mp@10']:6.2f}")
+        else:
+            print(f"  {name:<13} " + "  ".join(f"{p} mAP {v['map']:6.2f}" for p, v in m.items()))
+    if res.get("localisation"):
+        loc = res["localisation"]
+        print(f"  localisation IoU with true boxes: AML {loc['iou_aml']}  exhaustive {loc['iou_exhaustive']} "
+              f"({loc['pairs']} pairs)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("dataset", help="Oxford-format folder (gt/ + jpg/), revisited .pkl, or dataset .json")
+    parser.add_argument("--store", help="where the dataset's features are cached (default stores/NAME-...)")
+    add_model_arguments(parser)
+    parser.add_argument("--distractors", action="append", default=[], help="extracted distractor store")
+    parser.add_argument("--whiten-on", help="fit whitening on this store instead of the dataset's distractors")
+    parser.add_argument("--top-n", type=int, default=1000, help="images re-ranked per query")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of methods")
+    parser.add_argument("--json", dest="json_out", help="write the result as JSON to this file")
+
+
+def main(args: argparse.Namespace, client) -> int:
+    choice = ModelChoice(args.backbone, args.weights, args.random_weights)
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise SystemExit(f"unknown methods {unknown}; choose from {list(METHODS)}")
+    res = evaluate(args.dataset, client, choice, args.max_size, args.store, tuple(args.distractors),
+                   args.whiten_on, args.top_n, methods).result
+    print_table(res)
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(res, indent=1))
+        print(f"wrote {args.json_out}", file=sys.stderr)
+    return 0

@@ -1,0 +1,311 @@
+"""`rmac search`: filter by cosine over the FAISS shards, scatter AML re-ranking of the top N over the
+Dask workers (one task per storage partition, each reading only the maps it needs), gather, then QE.
+
+A database is one store or several (a dataset plus distractor stores): rows are numbered globally in
+store order. All its stores must share backbone and whitening.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from rmac.ops import whitening as wh
+from rmac.ops.aml import box_to_pixels
+from rmac.ops.pooling import l2n, mac, rmac
+from rmac.ops.rerank import query_expansion, rerank_batch, rescore
+from rmac.storage.images import BadImage, load_image
+from rmac.storage.store import Store, StoreError
+from rmac.workflows.extract import DEFAULT_BACKBONE, ModelChoice, add_model_arguments, worker_model
+from rmac.workflows.index import load_whitening, require_indexed
+
+
+class QueryError(ValueError):
+    """The query cannot be used: unreadable image, box outside it or empty."""
+
+
+@dataclass(frozen=True)
+class SearchParams:
+    """How a query is answered (the paper's defaults)."""
+
+    top_n: int = 1000
+    rerank: bool = True
+    qe: int = 5
+    filter: str = "rmac"  # "rmac" (R-MAC filtering, R-MAC re-ranking) or "mac"
+    t: int = 3
+    s: float = 1.1
+    L: int = 3
+    exact: bool = False  # float integral images instead of the LUT path
+
+
+@dataclass
+class QueryVectors:
+    """What a query is compared with: plain MAC (for AML), whitened MAC and R-MAC (for filtering)."""
+
+    mac: np.ndarray
+    macw: np.ndarray
+    rmac: np.ndarray
+    aspect: float
+    image_hw: tuple[int, int]
+    bbox: tuple[float, float, float, float]
+
+
+def query_maps(path: str, bbox: tuple[float, float, float, float] | None, choice: ModelChoice,
+               max_size: int) -> tuple[np.ndarray, tuple[int, int], tuple[float, float, float, float]]:
+    """Load the query, check and crop its box, return its (K, h, w) maps (runs on a worker)."""
+    from rmac.ops.backbones import activations, crop_query
+
+    try:
+        image = load_image(path)
+    except BadImage as e:
+        raise QueryError(f"query image {path}: {e.reason}") from None
+    W, H = image.size
+    if bbox is None:
+        bbox = (0.0, 0.0, float(W), float(H))
+    x1, y1, x2, y2 = bbox
+    if not (x2 > x1 and y2 > y1):
+        raise QueryError(f"query box {bbox} is empty (need x1 < x2 and y1 < y2)")
+    if x2 <= 0 or y2 <= 0 or x1 >= W or y1 >= H:
+        raise QueryError(f"query box {bbox} lies outside the {W}x{H} image")
+    bbox = (max(0.0, x1), max(0.0, y1), min(float(W), x2), min(float(H), y2))
+    if bbox[2] - bbox[0] < 2 or bbox[3] - bbox[1] < 2:
+        raise QueryError(f"query box {bbox} is too small inside the {W}x{H} image")
+    model, spec = worker_model(choice)
+    maps = activations(model, spec, crop_query(image, bbox), max_size=max_size)
+    return maps, (H, W), bbox
+
+
+def query_vectors(maps: np.ndarray, whitening: wh.Whitening, L: int, image_hw, bbox) -> QueryVectors:
+    m = l2n(mac(maps))
+    return QueryVectors(mac=m, macw=l2n(wh.apply(whitening, m[None])[0]), rmac=rmac(maps, L, whitening),
+                        aspect=(bbox[2] - bbox[0]) / (bbox[3] - bbox[1]), image_hw=tuple(image_hw),
+                        bbox=tuple(bbox))
+
+
+class Database:
+    """One or more indexed stores searched as one, with global row numbers."""
+
+    def __init__(self, stores: list[Store]):
+        if not stores:
+            raise StoreError("no store to search")
+        first = stores[0]
+        for s in stores:
+            require_indexed(s)
+            if s.config.backbone != first.config.backbone or s.config.max_size != first.config.max_size:
+                raise StoreError(f"{s.path} was extracted with {s.config.backbone}/{s.config.max_size}, "
+                                 f"{first.path} with {first.config.backbone}/{first.config.max_size}")
+        self.stores = stores
+        self.offsets = np.cumsum([0] + [s.n_images for s in stores])
+        self.whitening = load_whitening(first)
+        for s in stores[1:]:
+            if not np.array_equal(load_whitening(s).proj, self.whitening.proj):
+                raise StoreError(f"{s.path} is indexed with another whitening than {first.path}: "
+                                 f"re-index it with `rmac index {s.path} --whiten-on {first.path}`")
+        self._indexes: dict[str, list] = {}
+
+    @property
+    def n_images(self) -> int:
+        return int(self.offsets[-1])
+
+    def locate(self, g: int) -> tuple[Store, int]:
+        i = int(np.searchsorted(self.offsets, g, side="right") - 1)
+        return self.stores[i], int(g - self.offsets[i])
+
+    def record(self, g: int) -> tuple[str, str]:
+        store, r = self.locate(g)
+        return store.ids[r], store.paths[r]
+
+    def index(self, kind: str) -> list:
+        from rmac.storage.index import ShardedIndex
+
+        if kind not in self._indexes:
+            self._indexes[kind] = [ShardedIndex(s.path / "index" / kind) for s in self.stores]
+        return self._indexes[kind]
+
+    def filter(self, kind: str, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top ``k`` (scores, global rows) of every query row of ``q`` by cosine, best first."""
+        q = np.atleast_2d(q).astype(np.float32)
+        parts_s, parts_i = [], []
+        for index, off in zip(self.index(kind), self.offsets):
+            s, i = index.search(q, min(k, index.ntotal) if index.ntotal else 1)
+            parts_s.append(np.where(i >= 0, s, -np.inf))
+            parts_i.append(np.where(i >= 0, i + off, -1))
+        scores, ids = np.concatenate(parts_s, 1), np.concatenate(parts_i, 1)
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
+
+
+def rerank_rows(store: Store, rows: list[int], qv: QueryVectors, whitening: wh.Whitening,
+                params: SearchParams) -> dict:
+    """AML re-ranking of ``rows`` of one store partition (a Dask task): scores, boxes, vectors."""
+    maps = store.read_maps(rows)
+    use_rmac = params.filter == "rmac"
+    res = rerank_batch([q for q, _ in maps], qv.mac, qv.aspect,
+                       q_rmac=qv.rmac if use_rmac else None, whitening=whitening if use_rmac else None,
+                       t=params.t, s=params.s, L=params.L)
+    image_hw = store.arrays["image_hw"]
+    boxes = []
+    for (q, _), box, r in zip(maps, res.boxes, rows):
+        boxes.append(box_to_pixels(tuple(box), q.shape[1:], tuple(int(v) for v in image_hw[r])))
+    return {"rows": rows, "scores": res.scores, "boxes_cells": res.boxes, "boxes": boxes,
+            "vectors": res.vectors, "windows": res.n_scored}
+
+
+@dataclass
+class Ranking:
+    """One query's answer: global rows best first, their scores and (for re-ranked rows) boxes."""
+
+    rows: np.ndarray
+    scores: np.ndarray
+    initial_rank: dict[int, int]
+    boxes: dict[int, tuple] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    reranked: dict | None = None
+
+
+def rerank(db: Database, client, qv: QueryVectors, rows: np.ndarray, params: SearchParams,
+           whitening_future=None) -> dict[int, tuple[float, tuple, np.ndarray]]:
+    """Scatter AML re-ranking of global ``rows`` by (store, partition) and gather {row: (score, box, vec)}."""
+    groups: dict[tuple[int, int], list[tuple[int, int]]] = defaultdict(list)
+    for g in rows.tolist():
+        store, r = db.locate(g)
+        groups[(db.stores.index(store), store.partition_of(r))].append((g, r))
+    w = whitening_future if whitening_future is not None else db.whitening
+    futures = {key: client.submit(rerank_rows, db.stores[key[0]], [r for _, r in members], qv, w, params,
+                                  pure=False, retries=2)
+               for key, members in groups.items()}
+    out = {}
+    for key, fut in futures.items():
+        res = fut.result()
+        for (g, _), score, box, vec in zip(groups[key], res["scores"], res["boxes"], res["vectors"]):
+            out[g] = (float(score), tuple(float(v) for v in box), vec)
+    return out
+
+
+def answer(db: Database, client, qv: QueryVectors, params: SearchParams, whitening_future=None,
+           k: int | None = None, reranked: dict | None = None) -> Ranking:
+    """Filter, re-rank the top N and apply QE; ``k`` rows are returned (default top N).
+
+    ``reranked`` reuses the re-ranking of an earlier call with the same filter (e.g. with and without
+    QE); the returned ranking keeps its own in ``.reranked``."""
+    kind = "rmac" if params.filter == "rmac" else "macw"
+    qf = qv.rmac if params.filter == "rmac" else qv.macw
+    timings = {}
+    t = time.perf_counter()
+    scores, rows = db.filter(kind, qf, max(k or 0, params.top_n))
+    valid = rows[0] >= 0
+    scores, rows = scores[0][valid], rows[0][valid]
+    timings["filter_s"] = time.perf_counter() - t
+    initial = {int(g): i for i, g in enumerate(rows)}
+    ranking = Ranking(rows=rows, scores=scores, initial_rank=initial, timings=timings)
+    if not params.rerank or params.top_n == 0:
+        return _cut(ranking, k or params.top_n)
+    n = min(params.top_n, len(rows))
+    top = rows[:n]
+    t = time.perf_counter()
+    got = reranked if reranked is not None else rerank(db, client, qv, top, params, whitening_future)
+    timings["rerank_s"] = time.perf_counter() - t
+    top_scores = np.array([got[int(g)][0] for g in top], np.float32)
+    order = np.argsort(-top_scores, kind="stable")
+    if params.qe:
+        t = time.perf_counter()
+        vectors = np.stack([got[int(g)][2] for g in top]).astype(np.float32)
+        q0 = qv.rmac if params.filter == "rmac" else qv.mac
+        top_scores = rescore(query_expansion(q0, vectors, order, k=params.qe), vectors)
+        order = np.argsort(-top_scores, kind="stable")
+        timings["qe_s"] = time.perf_counter() - t
+    ranking.rows = np.concatenate([top[order], rows[n:]])
+    ranking.scores = np.concatenate([top_scores[order], scores[n:]])
+    ranking.boxes = {int(g): got[int(g)][1] for g in top}
+    ranking.reranked = got
+    return _cut(ranking, k or params.top_n)
+
+
+def _cut(r: Ranking, k: int) -> Ranking:
+    r.rows, r.scores = r.rows[:k], r.scores[:k]
+    return r
+
+
+def to_json(db: Database, qv: QueryVectors, ranking: Ranking, query_path: str, limit: int) -> dict:
+    hits = []
+    for rank, (g, s) in enumerate(zip(ranking.rows[:limit].tolist(), ranking.scores[:limit].tolist())):
+        store, r = db.locate(g)
+        hits.append({"rank": rank, "initial_rank": ranking.initial_rank.get(g), "id": store.ids[r],
+                     "path": store.paths[r], "store": str(store.path), "score": round(float(s), 6),
+                     "box": [round(v, 1) for v in ranking.boxes[g]] if g in ranking.boxes else None,
+                     "image_hw": [int(v) for v in store.arrays["image_hw"][r]]})
+    return {"query": {"image": query_path, "bbox": list(qv.bbox), "image_hw": list(qv.image_hw)},
+            "timings": {k: round(v, 4) for k, v in ranking.timings.items()}, "hits": hits}
+
+
+def search(store_paths: list[str], client, query_path: str, bbox=None, params: SearchParams = SearchParams(),
+           choice: ModelChoice | None = None, k: int | None = None) -> dict:
+    """The whole search for one query image; returns the JSON-able result."""
+    db = Database([Store(p) for p in store_paths])
+    cfg = db.stores[0].config
+    if cfg.weights == "random":
+        raise StoreError(f"{db.stores[0].path} holds random-weight features (benchmarks only)")
+    choice = choice or ModelChoice(cfg.backbone)
+    if choice.backbone != cfg.backbone:
+        raise StoreError(f"{db.stores[0].path} was built with {cfg.backbone}, not {choice.backbone}")
+    t = time.perf_counter()
+    maps, image_hw, bbox = client.submit(query_maps, query_path, bbox, choice, cfg.max_size, pure=False).result()
+    qv = query_vectors(maps, db.whitening, params.L, image_hw, bbox)
+    extract_s = time.perf_counter() - t
+    ranking = answer(db, client, qv, params, k=k)
+    ranking.timings = {"extract_s": extract_s, **ranking.timings}
+    return to_json(db, qv, ranking, query_path, k or params.top_n)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("store", help="an indexed store")
+    parser.add_argument("query", help="the query image")
+    parser.add_argument("--bbox", type=float, nargs=4, metavar=("X1", "Y1", "X2", "Y2"),
+                        help="the object's box in the query image, in pixels (default: whole image)")
+    parser.add_argument("--distractors", action="append", default=[], help="more indexed stores to search")
+    parser.add_argument("--top-n", type=int, default=1000, help="images re-ranked (default %(default)s)")
+    parser.add_argument("--rerank", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--qe", type=int, default=5, help="query expansion with the top QE (0: off)")
+    parser.add_argument("--filter", choices=("rmac", "mac"), default="rmac")
+    parser.add_argument("--show", type=int, default=20, help="hits printed / drawn (default %(default)s)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--png", help="draw the query and top hits with their boxes into this PNG")
+    parser.add_argument("--html", help="write a self-contained HTML page of the hits")
+
+
+def main(args: argparse.Namespace, client) -> int:
+    params = SearchParams(top_n=args.top_n, rerank=args.rerank, qe=args.qe if args.rerank else 0,
+                          filter=args.filter)
+    result = search([args.store, *args.distractors], client, args.query, args.bbox, params,
+                    k=max(args.show, 1))
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        print(f"query {args.query} box {result['query']['bbox']}; timings {result['timings']}")
+        print(f"{'rank':>4} {'was':>4} {'score':>8}  {'box (x1 y1 x2 y2)':<26} id")
+        for h in result["hits"][:args.show]:
+            box = " ".join(f"{v:.0f}" for v in h["box"]) if h["box"] else "-"
+            print(f"{h['rank']:>4} {h['initial_rank']:>4} {h['score']:8.4f}  {box:<26} {h['id']}")
+    _pictures(result, args)
+    return 0
+
+
+def _pictures(result: dict, args) -> None:
+    if not (args.png or args.html):
+        return
+    from rmac.workflows.report import draw_hits_png, write_html_report
+
+    q = {"name": Path(args.query).stem, **result["query"]}
+    hits = [{**h, "positive": None} for h in result["hits"][:args.show]]
+    if args.png:
+        draw_hits_png(q, hits, args.png)
+        print(f"wrote {args.png}", file=sys.stderr)
+    if args.html:
+        write_html_report(args.html, f"rmac search: {q['name']}", {}, [{**q, "hits": hits}])
+        print(f"wrote {args.html}", file=sys.stderr)
