@@ -204,6 +204,14 @@ class Store:
             out.append((np.ascontiguousarray(maps[r, :, :h, :w]), float(scale[r])))
         return out
 
+    def read_padded(self, rows: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Padded maps ``(n, K, S, S)`` of ``rows`` with their valid ``map_hw`` and ``image_hw`` (n, 2):
+        one orthogonal read, touching only these rows' chunks."""
+        g = self.arrays
+        sel = np.asarray(rows, dtype=np.int64)
+        return (g["maps"].get_orthogonal_selection((sel,)), g["map_hw"].get_orthogonal_selection((sel,)),
+                g["image_hw"].get_orthogonal_selection((sel,)))
+
     def map_bytes(self) -> int:
         """Bytes on disk of the stored activation maps (compressed shards and their indexes)."""
         root = self.path / "arrays" / "maps"

@@ -102,7 +102,9 @@ def build_shard_file(store: Store, kind: str, shard: int, start: int, stop: int,
     valid = store.valid_rows(range(start, stop))
     index = build_shard(vectors, start, kind=index_kind, valid=valid)
     name = f"shard_{shard:03d}.faiss"
-    save_shard(index, store.path / "index" / kind / name)
+    folder = store.path / "index" / kind
+    folder.mkdir(parents=True, exist_ok=True)
+    save_shard(index, folder / name)
     return {"file": name, "start": start, "stop": stop, "kind": index_kind, "d": int(vectors.shape[1]),
             "ntotal": int(index.ntotal)}
 

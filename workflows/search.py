@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from rmac.ops import whitening as wh
-from rmac.ops.aml import box_to_pixels
+from rmac.ops.aml import box_to_pixels, exhaustive_search
+from rmac.ops.integral import integral_lut
 from rmac.ops.pooling import l2n, mac, rmac
-from rmac.ops.rerank import query_expansion, rerank_batch, rescore
+from rmac.ops.rerank import query_expansion, rerank as rerank_maps, rescore
 from rmac.storage.images import BadImage, load_image
 from rmac.storage.store import Store, StoreError
 from rmac.workflows.extract import DEFAULT_BACKBONE, ModelChoice, add_model_arguments, worker_model
@@ -143,18 +144,22 @@ class Database:
 
 def rerank_rows(store: Store, rows: list[int], qv: QueryVectors, whitening: wh.Whitening,
                 params: SearchParams) -> dict:
-    """AML re-ranking of ``rows`` of one store partition (a Dask task): scores, boxes, vectors."""
-    maps = store.read_maps(rows)
+    """AML re-ranking of ``rows`` of one store partition (a Dask task): scores, pixel boxes, vectors."""
+    maps, map_hw, image_hw = store.read_padded(rows)
     use_rmac = params.filter == "rmac"
-    res = rerank_batch([q for q, _ in maps], qv.mac, qv.aspect,
-                       q_rmac=qv.rmac if use_rmac else None, whitening=whitening if use_rmac else None,
-                       t=params.t, s=params.s, L=params.L)
-    image_hw = store.arrays["image_hw"]
-    boxes = []
-    for (q, _), box, r in zip(maps, res.boxes, rows):
-        boxes.append(box_to_pixels(tuple(box), q.shape[1:], tuple(int(v) for v in image_hw[r])))
-    return {"rows": rows, "scores": res.scores, "boxes_cells": res.boxes, "boxes": boxes,
-            "vectors": res.vectors, "windows": res.n_scored}
+    res = rerank_maps(maps, qv.mac, qv.aspect, map_hw=map_hw,
+                      q_rmac=qv.rmac if use_rmac else None, whitening=whitening if use_rmac else None,
+                      L=params.L, levels=store.config.levels, t=params.t, s=params.s)
+    boxes = [box_to_pixels(box, hw, ihw) for box, hw, ihw in zip(res.boxes, map_hw, image_hw)]
+    return {"rows": rows, "scores": res.scores, "boxes": boxes, "vectors": res.vectors,
+            "windows": res.n_scored}
+
+
+def localise_exhaustive(store: Store, row: int, q_mac: np.ndarray) -> tuple[float, float, float, float]:
+    """The exhaustive optimum window of ``q_mac`` in ``row``'s map, in image pixels (a Dask task)."""
+    (q, _), = store.read_maps([row])
+    best = exhaustive_search(integral_lut(q, store.config.levels), q_mac)
+    return box_to_pixels(best.box, q.shape[1:], tuple(int(v) for v in store.arrays["image_hw"][row]))
 
 
 @dataclass

@@ -1,0 +1,115 @@
+"""Global and regional pooling of activation maps `(K, H, W)`, and the paper's R-MAC aggregation."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from rmac.ops import whitening as _wh
+from rmac.ops.regions import rmac_regions
+
+__all__ = ["l2n", "mac", "gem", "regional_mac", "rmac_aggregate", "rmac_aggregate_many", "rmac"]
+
+
+def l2n(x: np.ndarray, axis: int = -1, eps: float = 1e-12) -> np.ndarray:
+    """l2-normalise along `axis`; vectors with norm below `eps` (e.g. zero) are divided by `eps`.
+
+    Floating inputs keep their dtype, anything else becomes float32.
+    """
+    x = np.asarray(x)
+    if not np.issubdtype(x.dtype, np.floating):
+        x = x.astype(np.float32)
+    norm = np.linalg.norm(x, axis=axis, keepdims=True)
+    return x / np.maximum(norm, eps).astype(x.dtype)
+
+
+def _check_maps(maps: np.ndarray) -> np.ndarray:
+    maps = np.asarray(maps)
+    if maps.ndim != 3 or 0 in maps.shape[1:]:
+        raise ValueError(f"expected non-empty activation maps (K, H, W), got shape {maps.shape}")
+    return maps
+
+
+def mac(maps: np.ndarray) -> np.ndarray:
+    """MAC: spatial max of every channel, float32 `(K,)`."""
+    return _check_maps(maps).max(axis=(1, 2)).astype(np.float32)
+
+
+def gem(maps: np.ndarray, p: float = 3.0, eps: float = 1e-6) -> np.ndarray:
+    """Generalised mean `(mean_p max(x, eps)^p)^(1/p)` of every channel, float32 `(K,)`."""
+    x = np.maximum(_check_maps(maps).astype(np.float64), eps)
+    return (np.mean(x**p, axis=(1, 2)) ** (1.0 / p)).astype(np.float32)
+
+
+def regional_mac(maps: np.ndarray, regions: np.ndarray) -> np.ndarray:
+    """Max-pooled vector of each region `(x, y, w, h)` (cells, half-open): float32 `(R, K)`.
+
+    One numpy reduction per region on a channels-last copy of the maps, so every step is a
+    contiguous element-wise max over K channels. Measured faster than fully vectorised forms
+    (two `np.maximum.reduceat` passes were 5-10x slower) for R-MAC's ~20 regions.
+    """
+    maps = _check_maps(maps)
+    K, H, W = maps.shape
+    regions = np.asarray(regions, dtype=np.int64).reshape(-1, 4)
+    x, y, w, h = regions.T
+    if (w < 1).any() or (h < 1).any() or (x < 0).any() or (y < 0).any() or (x + w > W).any() or (y + h > H).any():
+        raise ValueError(f"regions must be non-empty and inside the {W}x{H} map")
+    hwk = np.ascontiguousarray(maps.transpose(1, 2, 0))
+    out = np.empty((len(regions), K), dtype=np.float32)
+    for r, (x0, y0, w0, h0) in enumerate(regions.tolist()):
+        out[r] = hwk[y0 : y0 + h0, x0 : x0 + w0].max(axis=(0, 1))
+    return out
+
+
+def _check_regional(regional: np.ndarray) -> np.ndarray:
+    regional = np.asarray(regional)
+    if regional.ndim != 2:
+        raise ValueError(f"expected regional vectors (R, K), got shape {regional.shape}")
+    return regional
+
+
+def _whiten_regions(regional: np.ndarray, whitening: _wh.Whitening | None) -> np.ndarray:
+    """l2n -> PCA-whitening (if given) -> l2n of every regional vector."""
+    v = l2n(np.asarray(regional, dtype=np.float32))
+    if whitening is not None:
+        v = l2n(_wh.apply(whitening, v))
+    return v
+
+
+def rmac_aggregate(regional: np.ndarray, whitening: _wh.Whitening | None = None) -> np.ndarray:
+    """The paper's R-MAC from regional vectors `(R, K)`: each l2n, whitened, l2n; summed; l2n.
+
+    Returns float32 `(D,)` (D = K without whitening). No regions give the zero vector.
+    """
+    v = _whiten_regions(_check_regional(regional), whitening)
+    return l2n(v.sum(axis=0, dtype=np.float32))
+
+
+def rmac_aggregate_many(
+    regional: np.ndarray, offsets: np.ndarray, whitening: _wh.Whitening | None = None
+) -> np.ndarray:
+    """R-MAC of N images at once: image `i` owns rows `offsets[i]:offsets[i+1]` of `regional`.
+
+    One whitening matmul for all regions, then a segment sum. Returns float32 `(N, D)`;
+    an image without regions gets the zero vector.
+    """
+    offsets = np.asarray(offsets, dtype=np.int64)
+    regional = _check_regional(regional)
+    if offsets.ndim != 1 or len(offsets) < 1 or offsets[0] != 0 or offsets[-1] != len(regional):
+        raise ValueError("offsets must run from 0 to len(regional)")
+    if (np.diff(offsets) < 0).any():
+        raise ValueError("offsets must be non-decreasing")
+    v = _whiten_regions(regional, whitening)
+    N = len(offsets) - 1
+    sums = np.zeros((N, v.shape[1]), dtype=np.float32)
+    nonempty = offsets[1:] > offsets[:-1]
+    if nonempty.any():
+        # Consecutive non-empty segments tile [offsets[0], offsets[-1]), so reduceat sums exactly them.
+        sums[nonempty] = np.add.reduceat(v, offsets[:-1][nonempty], axis=0)
+    return l2n(sums)
+
+
+def rmac(maps: np.ndarray, L: int = 3, whitening: _wh.Whitening | None = None) -> np.ndarray:
+    """R-MAC of one activation map `(K, H, W)` over the `L`-level region grid: float32 `(D,)`."""
+    maps = _check_maps(maps)
+    _, H, W = maps.shape
+    return rmac_aggregate(regional_mac(maps, rmac_regions(W, H, L)), whitening)

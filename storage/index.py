@@ -1,0 +1,200 @@
+"""Sharded FAISS indexes over the store's vectors (cosine = inner product of l2-normalised rows).
+
+A shard indexes one contiguous row range ``[start, stop)`` of a vector array (one or more store
+partitions) and returns *global* row numbers as ids. Rows that failed extraction (all zeros, or not
+finite) are left out of the shard, so they can never be returned. A folder of shards::
+
+    index/
+      manifest.json     {"format", "metric", "d", "shards": [{"file", "start", "stop", "kind", "d",
+                         "ntotal"}, ...], "meta": {...}}   written last: its presence marks the folder done
+      shard_000.faiss   faiss.write_index files (no pickle)
+
+`ShardedIndex` searches every shard and merges the per-shard top-k with `faiss.merge_knn_results`
+(measured against `faiss.IndexShards`: as fast serially, faster than its threaded mode on few
+cores, and it lets per-call search parameters such as ``nprobe`` reach every shard).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import faiss
+import numpy as np
+
+FORMAT = "rmac-faiss-shards/1"
+MANIFEST = "manifest.json"
+KINDS = ("flat", "ivf")
+_ENTRY_KEYS = ("file", "start", "stop", "kind", "d", "ntotal")
+
+
+def shard_file(i: int) -> str:
+    """File name of shard ``i`` inside an index folder."""
+    return f"shard_{i:03d}.faiss"
+
+
+def valid_rows(vectors: np.ndarray) -> np.ndarray:
+    """Boolean mask of the rows that can be indexed: finite and not all zeros (failed images)."""
+    vectors = np.asarray(vectors)
+    return np.isfinite(vectors).all(axis=1) & (vectors != 0).any(axis=1)
+
+
+def default_nlist(n: int) -> int:
+    """IVF list count for ``n`` training vectors: about 4 sqrt(n), with >= 39 points per centroid."""
+    return int(max(1, min(round(4 * np.sqrt(n)), n // 39)))
+
+
+def build_shard(
+    vectors: np.ndarray,
+    start: int,
+    kind: str = "flat",
+    nlist: int | None = None,
+    *,
+    valid: np.ndarray | None = None,
+    train: np.ndarray | None = None,
+    nprobe: int | None = None,
+) -> faiss.Index:
+    """Index rows ``start .. start+len(vectors)`` of a vector array by inner product.
+
+    vectors: float (n, D), l2-normalised rows. Ids are global row numbers ``start + i``.
+    valid: optional mask of rows to index; invalid rows (see `valid_rows`) are always left out.
+    kind: "flat" (exact, `IndexIDMap(IndexFlatIP)`) or "ivf" (`IndexIVFFlat`, spherical k-means
+    trained on ``train`` if given, e.g. a sample shared by all shards, else on the shard itself;
+    ``nlist`` defaults to `default_nlist` of the training size; ``nprobe`` is stored in the shard).
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"vectors must be 2-D (n, D), got shape {x.shape}")
+    keep = valid_rows(x)
+    if valid is not None:
+        keep &= np.asarray(valid, dtype=bool)
+    rows = np.flatnonzero(keep)
+    ids = (int(start) + rows).astype(np.int64)
+    x = np.ascontiguousarray(x[rows])
+    d = x.shape[1]
+
+    if kind == "flat":
+        index = faiss.IndexIDMap(faiss.IndexFlatIP(d))
+    else:
+        sample = x if train is None else np.ascontiguousarray(train, dtype=np.float32)
+        sample = sample[valid_rows(sample)]
+        if len(sample) == 0:
+            raise ValueError("an IVF shard needs training vectors: the shard has no valid rows "
+                             "and no `train` sample was given")
+        nlist = default_nlist(len(sample)) if nlist is None else min(int(nlist), len(sample))
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.cp.spherical = True  # centroids on the sphere, like the data
+        index.train(sample)
+        if nprobe is not None:
+            index.nprobe = int(nprobe)
+    if len(x):
+        index.add_with_ids(x, ids)
+    return index
+
+
+def save_shard(index: faiss.Index, path: str | os.PathLike) -> None:
+    """Write a shard with `faiss.write_index`, atomically (temporary file, then rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    faiss.write_index(index, str(tmp))
+    os.replace(tmp, path)
+
+
+def load_shard(path: str | os.PathLike, mmap: bool = False) -> faiss.Index:
+    """Read a shard written by `save_shard`; ``mmap`` maps its vectors instead of copying them."""
+    return faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC if mmap else 0)
+
+
+def shard_entry(index: faiss.Index, file: str, start: int, stop: int, kind: str) -> dict:
+    """The manifest entry describing ``index`` (saved as ``file``) for rows ``[start, stop)``."""
+    return {"file": file, "start": int(start), "stop": int(stop), "kind": kind,
+            "d": int(index.d), "ntotal": int(index.ntotal)}
+
+
+def write_manifest(folder: str | os.PathLike, shards: Sequence[dict], meta: dict | None = None) -> Path:
+    """Write ``folder/manifest.json`` (atomically) for shards already saved in ``folder``.
+
+    shards: ``{"file", "start", "stop", "kind", "d", "ntotal"}`` each, with disjoint row ranges.
+    meta: free JSON-serialisable description (which array, whitening, store, ...).
+    """
+    folder = Path(folder)
+    entries = []
+    for s in shards:
+        missing = [k for k in _ENTRY_KEYS if k not in s]
+        if missing:
+            raise ValueError(f"shard entry {s!r} lacks {missing}")
+        if s["kind"] not in KINDS or not 0 <= s["start"] <= s["stop"]:
+            raise ValueError(f"bad shard entry {s!r}")
+        if not 0 <= s["ntotal"] <= s["stop"] - s["start"]:
+            raise ValueError(f"shard entry {s!r}: ntotal does not fit its row range")
+        if not (folder / s["file"]).is_file():
+            raise FileNotFoundError(folder / s["file"])
+        entries.append({k: s[k] for k in _ENTRY_KEYS})
+    entries.sort(key=lambda s: s["start"])
+    for a, b in zip(entries, entries[1:]):
+        if b["start"] < a["stop"]:
+            raise ValueError(f"shards {a['file']} and {b['file']} overlap")
+    dims = {s["d"] for s in entries}
+    if len(dims) > 1:
+        raise ValueError(f"shards disagree on the dimension: {sorted(dims)}")
+    doc = {"format": FORMAT, "metric": "inner_product", "d": dims.pop() if dims else None,
+           "shards": entries, "meta": meta or {}}
+    path = folder / MANIFEST
+    tmp = folder / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1))
+    os.replace(tmp, path)
+    return path
+
+
+class ShardedIndex:
+    """All the shards of an index folder, searched as one index over global row numbers."""
+
+    def __init__(self, folder: str | os.PathLike, nprobe: int | None = None, mmap: bool = False):
+        self.folder = Path(folder)
+        doc = json.loads((self.folder / MANIFEST).read_text())
+        if doc.get("format") != FORMAT:
+            raise ValueError(f"{self.folder / MANIFEST}: unknown format {doc.get('format')!r}")
+        self.entries: list[dict] = doc["shards"]
+        self.meta: dict[str, Any] = doc.get("meta", {})
+        self.d: int | None = doc.get("d")
+        self.nprobe = nprobe
+        self.shards: list[faiss.Index] = []
+        for e in self.entries:
+            index = load_shard(self.folder / e["file"], mmap=mmap)
+            if index.d != e["d"] or index.ntotal != e["ntotal"]:
+                raise ValueError(f"{e['file']}: holds d={index.d}, ntotal={index.ntotal}; "
+                                 f"the manifest says d={e['d']}, ntotal={e['ntotal']}")
+            self.shards.append(index)
+
+    @property
+    def ntotal(self) -> int:
+        """Number of indexed (valid) rows."""
+        return sum(e["ntotal"] for e in self.entries)
+
+    def search(self, queries: np.ndarray, k: int, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` rows for each query, best first: ``(scores (nq, k) float32, ids (nq, k) int64)``.
+
+        Scores are inner products (cosine for l2-normalised queries). Where fewer than ``k`` rows
+        are found (k > ntotal, or IVF probing few lists), ids are -1 and scores -inf.
+        nprobe: IVF lists visited per shard for this call (default: the index's, else the shard's).
+        """
+        q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+        if self.d is not None and q.shape[1] != self.d:  # d is None: a folder without shards
+            raise ValueError(f"queries have dimension {q.shape[1]}, the index {self.d}")
+        k = int(k)
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        nprobe = nprobe if nprobe is not None else self.nprobe
+        all_d = np.full((max(len(self.shards), 1), len(q), k), -np.inf, dtype=np.float32)
+        all_i = np.full(all_d.shape, -1, dtype=np.int64)
+        for s, (e, index) in enumerate(zip(self.entries, self.shards)):
+            if index.ntotal == 0:
+                continue
+            params = faiss.SearchParametersIVF(nprobe=int(nprobe)) if e["kind"] == "ivf" and nprobe else None
+            all_d[s], all_i[s] = index.search(q, k, params=params)
+        scores, ids = faiss.merge_knn_results(all_d, all_i, keep_max=True)
+        scores[ids < 0] = -np.inf  # faiss pads with -FLT_MAX
+        return scores, ids

@@ -1,0 +1,195 @@
+"""Sharded FAISS search against numpy brute force, exclusion of failed rows, files, IVF recall."""
+import json
+
+import faiss
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from rmac.storage.index import (
+    ShardedIndex, build_shard, load_shard, save_shard, shard_entry, shard_file, valid_rows,
+    write_manifest,
+)
+
+
+def l2n(x):
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def write_index(folder, X, rows_per_shard, kind="flat", **kw):
+    entries = []
+    for i, start in enumerate(range(0, len(X), rows_per_shard)):
+        stop = min(start + rows_per_shard, len(X))
+        index = build_shard(X[start:stop], start, kind=kind, **kw)
+        save_shard(index, folder / shard_file(i))
+        entries.append(shard_entry(index, shard_file(i), start, stop, kind))
+    write_manifest(folder, entries, {"array": "rmac"})
+    return entries
+
+
+def brute_force(X, Q, k, valid=None):
+    S = Q @ X.T
+    if valid is not None:
+        S[:, ~valid] = -np.inf
+    order = np.argsort(-S, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(S, order, axis=1), order
+
+
+def assert_same_topk(scores, ids, ref_scores, X, Q):
+    # ids may differ on ties only: scores must agree, and each returned id must have its score
+    np.testing.assert_allclose(scores, ref_scores, rtol=0, atol=1e-5)
+    found = ids >= 0
+    recomputed = np.einsum("qd,qkd->qk", Q, X[np.where(found, ids, 0)])
+    np.testing.assert_allclose(recomputed[found], scores[found], atol=1e-5)
+    for row in ids:
+        assert len(set(row[row >= 0])) == (row >= 0).sum()
+
+
+def test_flat_equals_brute_force_many_shards(tmp_path):
+    rng = np.random.default_rng(0)
+    X = l2n(rng.standard_normal((2003, 32)))  # last shard is a partial one
+    Q = l2n(rng.standard_normal((25, 32)))
+    write_index(tmp_path, X, rows_per_shard=97)
+    index = ShardedIndex(tmp_path)
+    assert len(index.shards) == 21 and index.ntotal == 2003 and index.meta == {"array": "rmac"}
+    scores, ids = index.search(Q, 50)
+    ref_scores, ref_ids = brute_force(X, Q, 50)
+    assert_same_topk(scores, ids, ref_scores, X, Q)
+    assert np.mean(ids == ref_ids) > 0.99  # ids are global row numbers, not per-shard offsets
+    assert np.all(np.diff(scores, axis=1) <= 0)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 300), per_shard=st.integers(1, 80),
+       k=st.integers(1, 400), dup=st.booleans())
+def test_flat_matches_brute_force_property(tmp_path_factory, seed, n, per_shard, k, dup):
+    rng = np.random.default_rng(seed)
+    X = l2n(rng.standard_normal((n, 8)))
+    if dup:  # exact ties across shards
+        X[n // 2:] = X[: n - n // 2]
+    X[rng.random(n) < 0.1] = 0  # failed rows
+    valid = valid_rows(X)
+    Q = l2n(rng.standard_normal((3, 8)))
+    folder = tmp_path_factory.mktemp("idx")
+    write_index(folder, X, per_shard)
+    scores, ids = ShardedIndex(folder).search(Q, k)
+    assert scores.shape == ids.shape == (3, k)
+    m = min(k, int(valid.sum()))
+    ref_scores, _ = brute_force(X, Q, m, valid)
+    assert_same_topk(scores[:, :m], ids[:, :m], ref_scores, X, Q)
+    assert np.all(ids[:, m:] == -1) and np.all(scores[:, m:] == -np.inf)
+    assert valid[ids[:, :m]].all()
+
+
+def test_excluded_rows_never_returned(tmp_path):
+    rng = np.random.default_rng(1)
+    X = l2n(rng.standard_normal((600, 16)))
+    X[[3, 150, 151, 599]] = 0          # failed images: zero vectors
+    X[7, 2] = np.nan                   # a broken vector
+    flagged = np.zeros(600, bool)
+    flagged[[10, 300]] = True          # failed according to the store's records
+    Q = np.concatenate([X[[10, 300, 20]], l2n(rng.standard_normal((5, 16)))])
+    entries = []
+    for i, start in enumerate(range(0, 600, 100)):
+        index = build_shard(X[start:start + 100], start, valid=~flagged[start:start + 100])
+        save_shard(index, tmp_path / shard_file(i))
+        entries.append(shard_entry(index, shard_file(i), start, start + 100, "flat"))
+    write_manifest(tmp_path, entries)
+    index = ShardedIndex(tmp_path)
+    assert index.ntotal == 600 - 7
+    scores, ids = index.search(Q, 600)
+    excluded = {3, 150, 151, 599, 7, 10, 300}
+    for row in ids:
+        assert set(row[:593]) == set(range(600)) - excluded
+        assert np.all(row[593:] == -1)
+    assert ids[2, 0] == 20 and scores[2, 0] == pytest.approx(1.0, abs=1e-5)
+    assert json.loads((tmp_path / "manifest.json").read_text())["shards"][0]["ntotal"] == 97
+
+
+def test_shard_of_only_failed_rows(tmp_path):
+    X = np.zeros((10, 4), np.float32)
+    X[5:] = l2n(np.eye(4, dtype=np.float32)[[0, 1, 2, 3, 0]])
+    write_index(tmp_path, X, 5)
+    index = ShardedIndex(tmp_path)
+    assert [s.ntotal for s in index.shards] == [0, 5]
+    scores, ids = index.search(np.eye(4, dtype=np.float32)[:1], 3)
+    assert sorted(ids[0, :2]) == [5, 9] and ids[0, 2] in (6, 7, 8)
+    np.testing.assert_allclose(scores[0], [1, 1, 0], atol=1e-6)
+
+
+def test_folder_without_shards(tmp_path):
+    write_manifest(tmp_path, [], {"note": "empty store"})
+    index = ShardedIndex(tmp_path)
+    assert index.ntotal == 0
+    scores, ids = index.search(np.ones((2, 16), np.float32), 3)
+    assert ids.shape == (2, 3) and np.all(ids == -1) and np.all(scores == -np.inf)
+
+
+def test_save_load_round_trip(tmp_path):
+    rng = np.random.default_rng(2)
+    X = l2n(rng.standard_normal((500, 24)))
+    Q = l2n(rng.standard_normal((4, 24)))
+    for kind in ("flat", "ivf"):
+        index = build_shard(X, 1000, kind=kind, nlist=8, nprobe=3)
+        path = tmp_path / f"{kind}.faiss"
+        save_shard(index, path)
+        assert not list(tmp_path.glob("*.tmp"))
+        for mmap in (False, True):
+            back = load_shard(path, mmap=mmap)
+            assert (back.d, back.ntotal) == (24, 500)
+            D0, I0 = index.search(Q, 10)
+            D1, I1 = back.search(Q, 10)
+            np.testing.assert_array_equal(I0, I1)
+            np.testing.assert_array_equal(D0, D1)
+            assert I1.min() >= 1000
+        if kind == "ivf":
+            assert faiss.extract_index_ivf(back).nprobe == 3
+
+
+def test_manifest_is_checked(tmp_path):
+    X = l2n(np.random.default_rng(3).standard_normal((20, 4)))
+    a, b = build_shard(X[:10], 0), build_shard(X[10:], 10)
+    save_shard(a, tmp_path / "a.faiss")
+    save_shard(b, tmp_path / "b.faiss")
+    with pytest.raises(ValueError, match="overlap"):
+        write_manifest(tmp_path, [shard_entry(a, "a.faiss", 0, 12, "flat"),
+                                  shard_entry(b, "b.faiss", 10, 20, "flat")])
+    with pytest.raises(FileNotFoundError):
+        write_manifest(tmp_path, [shard_entry(a, "missing.faiss", 0, 10, "flat")])
+    # a manifest that disagrees with the shard file is refused when loading
+    write_manifest(tmp_path, [shard_entry(a, "b.faiss", 0, 10, "flat") | {"ntotal": 9}])
+    with pytest.raises(ValueError, match="ntotal"):
+        ShardedIndex(tmp_path)
+    write_manifest(tmp_path, [shard_entry(a, "a.faiss", 0, 10, "flat")])
+    with pytest.raises(ValueError, match="dimension"):
+        ShardedIndex(tmp_path).search(np.ones((1, 5), np.float32), 1)
+
+
+def test_ivf_recall_on_clustered_data(tmp_path):
+    rng = np.random.default_rng(4)
+    d, n, centers = 64, 24_000, 200
+    C = l2n(rng.standard_normal((centers, d)))
+    X = l2n(C[rng.integers(0, centers, n)] + 0.12 * rng.standard_normal((n, d)).astype(np.float32))
+    Q = l2n(C[rng.integers(0, centers, 100)] + 0.12 * rng.standard_normal((100, d)).astype(np.float32))
+    train = X[rng.choice(n, 8000, replace=False)]  # one sample shared by all shards
+    write_index(tmp_path, X, 6000, kind="ivf", nlist=64, train=train)
+    _, ref = brute_force(X, Q, 10)
+    index = ShardedIndex(tmp_path, nprobe=8)
+
+    def recall(ids):
+        return np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, ref)])
+
+    r8 = recall(index.search(Q, 10)[1])
+    r1 = recall(index.search(Q, 10, nprobe=1)[1])
+    r_all = recall(index.search(Q, 10, nprobe=64)[1])
+    assert r8 >= 0.95, r8
+    assert r1 < r8 <= r_all == 1.0
+
+
+def test_ivf_trained_on_its_own_shard():
+    rng = np.random.default_rng(5)
+    X = l2n(rng.standard_normal((400, 16)))
+    index = build_shard(X, 0, kind="ivf")  # nlist from the shard size: 400 // 39
+    assert faiss.extract_index_ivf(index).nlist == 10 and index.ntotal == 400
+    with pytest.raises(ValueError, match="training"):
+        build_shard(np.zeros((5, 16), np.float32), 0, kind="ivf")
