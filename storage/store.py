@@ -205,12 +205,16 @@ class Store:
         return out
 
     def read_padded(self, rows: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Padded maps ``(n, K, S, S)`` of ``rows`` with their valid ``map_hw`` and ``image_hw`` (n, 2):
-        one orthogonal read, touching only these rows' chunks."""
+        """Padded maps ``(n, K, S, S)`` of ``rows`` with their valid ``map_hw`` and ``image_hw`` (n, 2).
+
+        Reads the contiguous span of ``rows`` (callers group rows by partition, so the span is within
+        one shard): a slice decodes each inner chunk once, where Zarr's orthogonal selection on a
+        sharded array measured ~0.3 s per row."""
         g = self.arrays
         sel = np.asarray(rows, dtype=np.int64)
-        return (g["maps"].get_orthogonal_selection((sel,)), g["map_hw"].get_orthogonal_selection((sel,)),
-                g["image_hw"].get_orthogonal_selection((sel,)))
+        lo, hi = int(sel.min()), int(sel.max()) + 1
+        pick = sel - lo
+        return g["maps"][lo:hi][pick], g["map_hw"][lo:hi][pick], g["image_hw"][lo:hi][pick]
 
     def map_bytes(self) -> int:
         """Bytes on disk of the stored activation maps (compressed shards and their indexes)."""

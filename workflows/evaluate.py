@@ -23,8 +23,8 @@ from rmac.storage.datasets import Dataset, load_dataset
 from rmac.storage.store import Store, StoreError
 from rmac.workflows.extract import ModelChoice, add_model_arguments, extract
 from rmac.workflows.index import DEFAULT_L, build_index, load_whitening
-from rmac.workflows.search import (Database, QueryVectors, Ranking, SearchParams, answer, localise_exhaustive, query_maps,
-                                   query_vectors)
+from rmac.workflows.search import (Database, QueryVectors, Ranking, SearchParams, answer, localise_exhaustive,
+                                   query_maps, query_vectors, rerank_many)
 
 METHODS = {
     "mac": SearchParams(filter="mac", rerank=False, qe=0),
@@ -130,19 +130,19 @@ def evaluate(dataset: str, client, choice: ModelChoice = ModelChoice(), max_size
     n_db = db.n_images
     depth = min(n_db, max(rank_depth, top_n))
     w_future = client.scatter(w, broadcast=True)
-    results, rankings, per_method = {}, {}, {}
+    results, reranked, per_method = {}, {}, {}
     for name in methods:
         base = METHODS[name]
         params = SearchParams(**{**base.__dict__, "top_n": top_n, "L": L})
         t = time.perf_counter()
-        ranked = []
-        for i, qv in enumerate(qvs):
-            reuse_key = (params.filter, i)
-            prev = rankings.get(reuse_key) if params.rerank else None
-            r = answer(db, client, qv, params, w_future, k=depth, reranked=prev)
-            if params.rerank:
-                rankings[reuse_key] = r.reranked
-            ranked.append(r)
+        key = params.filter
+        if params.rerank and key not in reranked:  # one scattered pass for all queries, reused with QE
+            _, top = db.filter("rmac" if key == "rmac" else "macw",
+                               np.stack([qv.rmac if key == "rmac" else qv.macw for qv in qvs]), top_n)
+            reranked[key] = rerank_many(db, client, qvs, [r[r >= 0] for r in top], params, w_future)
+        ranked = [answer(db, client, qv, params, w_future, k=depth,
+                         reranked=reranked[key][i] if params.rerank else None)
+                  for i, qv in enumerate(qvs)]
         timings[f"{name}_s"] = time.perf_counter() - t
         ranks = np.stack([full_ranking(r.rows, n_db) for r in ranked], axis=1)
         results[name] = score(ranks, gnd, ds.revisited)
@@ -154,11 +154,11 @@ def evaluate(dataset: str, client, choice: ModelChoice = ModelChoice(), max_size
         "timings": {k: round(v, 2) for k, v in timings.items()},
     }
     if any(q.boxes for q in ds.queries) and "rmac+aml" in methods:
-        out["localisation"] = localisation(ds, db, client, qvs, rankings, rows_of)
+        out["localisation"] = localisation(ds, db, client, qvs, reranked.get("rmac", []), rows_of)
     return Evaluation(result=out, dataset=ds, db=db, rankings=per_method, queries=qvs)
 
 
-def localisation(ds: Dataset, db: Database, client, qvs, rankings: dict, rows_of: dict) -> dict:
+def localisation(ds: Dataset, db: Database, client, qvs, reranked: list[dict], rows_of: dict) -> dict:
     """Mean IoU with the true boxes of the AML box (from R-MAC re-ranking) and of the exhaustive optimum,
     over every (query, positive) pair with a known box (the paper's Section 8)."""
     aml, exhaustive = [], []
@@ -170,9 +170,9 @@ def localisation(ds: Dataset, db: Database, client, qvs, rankings: dict, rows_of
     futures = [client.submit(localise_exhaustive, db.stores[0], row, qvs[i].mac, pure=False)
                for i, row, _ in pairs]
     for (i, row, true_box), f in zip(pairs, futures):
-        reranked = rankings.get(("rmac", i)) or {}
-        if row in reranked:
-            aml.append(iou(reranked[row][1], true_box))
+        got = reranked[i] if reranked else {}
+        if row in got:
+            aml.append(iou(got[row][1], true_box))
         exhaustive.append(iou(f.result(), true_box))
     return {"pairs": len(pairs), "aml_pairs": len(aml),
             "iou_aml": round(100 * float(np.mean(aml)), 2) if aml else None,

@@ -142,17 +142,24 @@ class Database:
         return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
 
 
-def rerank_rows(store: Store, rows: list[int], qv: QueryVectors, whitening: wh.Whitening,
-                params: SearchParams) -> dict:
-    """AML re-ranking of ``rows`` of one store partition (a Dask task): scores, pixel boxes, vectors."""
-    maps, map_hw, image_hw = store.read_padded(rows)
+def rerank_rows(store: Store, jobs: list[tuple[QueryVectors, list[int]]], whitening: wh.Whitening,
+                params: SearchParams) -> list[dict]:
+    """AML re-ranking inside one store partition (a Dask task): for each (query, rows) job, the rows'
+    scores, pixel boxes and localised vectors. The partition's maps are read once for all jobs."""
+    span = sorted({r for _, rows in jobs for r in rows})
+    maps, map_hw, image_hw = store.read_padded(span)
+    at = {r: i for i, r in enumerate(span)}
     use_rmac = params.filter == "rmac"
-    res = rerank_maps(maps, qv.mac, qv.aspect, map_hw=map_hw,
-                      q_rmac=qv.rmac if use_rmac else None, whitening=whitening if use_rmac else None,
-                      L=params.L, levels=store.config.levels, t=params.t, s=params.s)
-    boxes = [box_to_pixels(box, hw, ihw) for box, hw, ihw in zip(res.boxes, map_hw, image_hw)]
-    return {"rows": rows, "scores": res.scores, "boxes": boxes, "vectors": res.vectors,
-            "windows": res.n_scored}
+    out = []
+    for qv, rows in jobs:
+        pick = [at[r] for r in rows]
+        res = rerank_maps(maps[pick], qv.mac, qv.aspect, map_hw=map_hw[pick],
+                          q_rmac=qv.rmac if use_rmac else None, whitening=whitening if use_rmac else None,
+                          L=params.L, levels=store.config.levels, t=params.t, s=params.s)
+        boxes = [box_to_pixels(b, hw, ihw) for b, hw, ihw in zip(res.boxes, map_hw[pick], image_hw[pick])]
+        out.append({"rows": rows, "scores": res.scores, "boxes": boxes, "vectors": res.vectors,
+                    "windows": res.n_scored})
+    return out
 
 
 def localise_exhaustive(store: Store, row: int, q_mac: np.ndarray) -> tuple[float, float, float, float]:
@@ -174,23 +181,37 @@ class Ranking:
     reranked: dict | None = None
 
 
+def rerank_many(db: Database, client, qvs: list[QueryVectors], rows: list[np.ndarray], params: SearchParams,
+                whitening_future=None) -> list[dict[int, tuple[float, tuple, np.ndarray]]]:
+    """Scatter AML re-ranking of each query's global ``rows`` over the workers, one task per
+    (store, partition) holding every query's rows there; gather {row: (score, box, vector)} per query."""
+    groups: dict[tuple[int, int], list[tuple[int, list[int], list[int]]]] = defaultdict(list)
+    for qi, qrows in enumerate(rows):
+        per_part: dict[tuple[int, int], tuple[list[int], list[int]]] = defaultdict(lambda: ([], []))
+        for g in np.asarray(qrows).tolist():
+            si = int(np.searchsorted(db.offsets, g, side="right") - 1)
+            r = g - int(db.offsets[si])
+            gs, rs = per_part[(si, db.stores[si].partition_of(r))]
+            gs.append(g)
+            rs.append(r)
+        for key, (gs, rs) in per_part.items():
+            groups[key].append((qi, gs, rs))
+    w = whitening_future if whitening_future is not None else db.whitening
+    futures = {key: client.submit(rerank_rows, db.stores[key[0]], [(qvs[qi], rs) for qi, _, rs in members],
+                                  w, params, pure=False, retries=2)
+               for key, members in groups.items()}
+    out: list[dict] = [{} for _ in qvs]
+    for key, fut in futures.items():
+        for (qi, gs, _), res in zip(groups[key], fut.result()):
+            for g, score, box, vec in zip(gs, res["scores"], res["boxes"], res["vectors"]):
+                out[qi][g] = (float(score), tuple(float(v) for v in box), vec)
+    return out
+
+
 def rerank(db: Database, client, qv: QueryVectors, rows: np.ndarray, params: SearchParams,
            whitening_future=None) -> dict[int, tuple[float, tuple, np.ndarray]]:
-    """Scatter AML re-ranking of global ``rows`` by (store, partition) and gather {row: (score, box, vec)}."""
-    groups: dict[tuple[int, int], list[tuple[int, int]]] = defaultdict(list)
-    for g in rows.tolist():
-        store, r = db.locate(g)
-        groups[(db.stores.index(store), store.partition_of(r))].append((g, r))
-    w = whitening_future if whitening_future is not None else db.whitening
-    futures = {key: client.submit(rerank_rows, db.stores[key[0]], [r for _, r in members], qv, w, params,
-                                  pure=False, retries=2)
-               for key, members in groups.items()}
-    out = {}
-    for key, fut in futures.items():
-        res = fut.result()
-        for (g, _), score, box, vec in zip(groups[key], res["scores"], res["boxes"], res["vectors"]):
-            out[g] = (float(score), tuple(float(v) for v in box), vec)
-    return out
+    """Scatter AML re-ranking of one query's global ``rows``; gather {row: (score, box, vector)}."""
+    return rerank_many(db, client, [qv], [rows], params, whitening_future)[0]
 
 
 def answer(db: Database, client, qv: QueryVectors, params: SearchParams, whitening_future=None,
