@@ -133,8 +133,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("search", help="filter / re-rank / QE times, 1 vs 2 workers")
     p.add_argument("--top-n", type=int, default=1000)
     p.add_argument("--queries", type=int, default=5)
-    for p in sub.choices.values():
-        p.add_argument("--json", dest="json_out", help="also write the figures to this JSON file")
+    for name in ("extract", "search"):
+        sub.choices[name].add_argument("--json", dest="json_out", help="also write the figures to this JSON file")
 
 
 def main(args: argparse.Namespace) -> int:

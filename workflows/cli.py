@@ -33,6 +33,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean bad input, not a bug: printed as one line, exit status 2."""
+    from rmac.storage.datasets import DatasetError
+    from rmac.storage.images import BadImage
+    from rmac.storage.store import StoreError
+    from rmac.storage.weights import WeightsNotFound
+    from rmac.workflows.search import QueryError
+
+    return (StoreError, QueryError, WeightsNotFound, DatasetError, BadImage)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     module_name, needs_client, _ = COMMANDS[args.command]
@@ -44,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
 
         with get_client(args.scheduler, args.workers) as client:
             return module.main(args, client)
+    except user_errors() as e:
+        print(f"rmac {args.command}: error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted: finished partitions are kept; re-run the same command to resume", file=sys.stderr)
         return 130
