@@ -38,7 +38,9 @@ class SearchParams:
     top_n: int = 1000
     rerank: bool = True
     qe: int = 5
-    filter: str = "rmac"  # "rmac" (R-MAC filtering, R-MAC re-ranking) or "mac"
+    # "rmac": R-MAC filtering, the AML box re-scored by its R-MAC; "mac": whitened-MAC filtering, the
+    # AML box re-scored by its whitened approximate MAC. AML always localises with the plain MAC.
+    filter: str = "rmac"
     t: int = 3
     s: float = 1.1
     L: int = 3
@@ -65,7 +67,7 @@ def query_maps(path: str, bbox: tuple[float, float, float, float] | None, choice
     try:
         image = load_image(path)
     except BadImage as e:
-        raise QueryError(f"query image {path}: {e.reason}") from None
+        raise QueryError(f"query image {path}: {e.reason}: {e.detail}") from None
     W, H = image.size
     if bbox is None:
         bbox = (0.0, 0.0, float(W), float(H))
@@ -98,9 +100,10 @@ class Database:
         first = stores[0]
         for s in stores:
             require_indexed(s)
-            if s.config.backbone != first.config.backbone or s.config.max_size != first.config.max_size:
-                raise StoreError(f"{s.path} was extracted with {s.config.backbone}/{s.config.max_size}, "
-                                 f"{first.path} with {first.config.backbone}/{first.config.max_size}")
+            c, f = s.config, first.config
+            if (c.backbone, c.max_size, c.weights) != (f.backbone, f.max_size, f.weights):
+                raise StoreError(f"{s.path} was extracted with {c.backbone}/{c.max_size} ({c.weights} weights), "
+                                 f"{first.path} with {f.backbone}/{f.max_size} ({f.weights} weights)")
         self.stores = stores
         self.offsets = np.cumsum([0] + [s.n_images for s in stores])
         self.whitening = load_whitening(first)
@@ -157,7 +160,13 @@ def rerank_rows(store: Store, jobs: list[tuple[QueryVectors, list[int]]], whiten
                           q_rmac=qv.rmac if use_rmac else None, whitening=whitening if use_rmac else None,
                           L=params.L, levels=store.config.levels, t=params.t, s=params.s)
         boxes = [box_to_pixels(b, hw, ihw) for b, hw, ihw in zip(res.boxes, map_hw[pick], image_hw[pick])]
-        out.append({"rows": rows, "scores": res.scores, "boxes": boxes, "vectors": res.vectors,
+        scores, vectors = res.scores, res.vectors
+        if not use_rmac:
+            # MAC filtering ranks whitened MACs: the localised box is scored with the same information,
+            # its approximate MAC l2 -> whiten -> l2 against the query's (AML itself used plain MAC).
+            vectors = l2n(wh.apply(whitening, vectors))
+            scores = vectors @ qv.macw
+        out.append({"rows": rows, "scores": scores, "boxes": boxes, "vectors": vectors,
                     "windows": res.n_scored})
     return out
 
@@ -242,7 +251,7 @@ def answer(db: Database, client, qv: QueryVectors, params: SearchParams, whiteni
     if params.qe:
         t = time.perf_counter()
         vectors = np.stack([got[int(g)][2] for g in top]).astype(np.float32)
-        q0 = qv.rmac if params.filter == "rmac" else qv.mac
+        q0 = qv.rmac if params.filter == "rmac" else qv.macw
         top_scores = rescore(query_expansion(q0, vectors, order, k=params.qe), vectors)
         order = np.argsort(-top_scores, kind="stable")
         timings["qe_s"] = time.perf_counter() - t
