@@ -19,7 +19,7 @@ from rmac.ops.quantise import dequantise
 from rmac.storage.images import list_images, load_image
 from rmac.storage.store import Store, StoreError
 from rmac.workflows.cluster import get_client
-from rmac.workflows.extract import ModelChoice, extract, extract_partition, summarise, worker_model
+from rmac.workflows.extract import ModelChoice, extract, extract_partition, worker_model
 
 from badfiles import write_bad_files
 

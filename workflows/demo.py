@@ -8,7 +8,6 @@ localised boxes, positives and negatives marked. Re-running reuses the store.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from rmac.ops.evaluate import compute_map, compute_map_revisited, iou
 from rmac.storage.datasets import Dataset, load_dataset
-from rmac.storage.store import Store, StoreError
+from rmac.storage.store import Store
 from rmac.workflows.extract import ModelChoice, add_model_arguments, extract
 from rmac.workflows.index import DEFAULT_L, build_index, load_whitening
 from rmac.workflows.search import (Database, QueryVectors, Ranking, SearchParams, answer, localise_exhaustive,
@@ -86,7 +86,7 @@ class Evaluation:
 def evaluate(dataset: str, client, choice: ModelChoice = ModelChoice(), max_size: int = 1024,
              store: str | None = None, distractors: tuple[str, ...] = (), whiten_on: str | None = None,
              top_n: int = 1000, methods: tuple[str, ...] = tuple(METHODS), rank_depth: int = 10_000,
-             L: int = DEFAULT_L, progress: bool = True) -> Evaluation:
+             L: int = DEFAULT_L, qe: int = 5, progress: bool = True) -> Evaluation:
     """Evaluate ``methods`` on ``dataset``; the result holds mAP in percent."""
     if choice.random_weights:
         raise SystemExit("rmac evaluate: random weights are for speed benchmarks only")
@@ -103,12 +103,12 @@ def evaluate(dataset: str, client, choice: ModelChoice = ModelChoice(), max_size
     t = time.perf_counter()
     if whiten_on:
         label = whiten_on
-        index_info = build_index(st, client, whiten_on=Store(whiten_on), L=L, whiten_label=label,
+        build_index(st, client, whiten_on=Store(whiten_on), L=L, whiten_label=label,
                                  progress=progress)
     else:
         subset = whitening_subset(ds, rows_of, st.n_images) & st.valid_rows()
         label = f"{ds.name} distractors ({int(subset.sum())} images, no query or positive)"
-        index_info = build_index(st, client, L=L, whiten_subset=subset, whiten_label=label,
+        build_index(st, client, L=L, whiten_subset=subset, whiten_label=label,
                                  progress=progress)
     w = load_whitening(st)
     extra = [Store(p) for p in distractors]
@@ -133,7 +133,7 @@ def evaluate(dataset: str, client, choice: ModelChoice = ModelChoice(), max_size
     results, reranked, per_method = {}, {}, {}
     for name in methods:
         base = METHODS[name]
-        params = SearchParams(**{**base.__dict__, "top_n": top_n, "L": L})
+        params = SearchParams(**{**base.__dict__, "top_n": top_n, "L": L, "qe": qe if base.qe else 0})
         t = time.perf_counter()
         key = params.filter
         if params.rerank and key not in reranked:  # one scattered pass for all queries, reused with QE
@@ -149,7 +149,7 @@ def evaluate(dataset: str, client, choice: ModelChoice = ModelChoice(), max_size
         per_method[name] = ranked
     out = {
         "dataset": ds.name, "backbone": choice.backbone, "max_size": max_size, "whitening": label,
-        "n_images": n_db, "n_queries": len(ds.queries), "top_n": top_n, "methods": results,
+        "n_images": n_db, "n_queries": len(ds.queries), "top_n": top_n, "qe": qe, "methods": results,
         "extract": {k: summary[k] for k in ("done", "failed", "map_bytes_per_image")},
         "timings": {k: round(v, 2) for k, v in timings.items()},
     }
@@ -202,6 +202,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--whiten-on", help="fit whitening on this store instead of the dataset's distractors")
     parser.add_argument("--top-n", type=int, default=1000, help="images re-ranked per query")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of methods")
+    parser.add_argument("--qe", type=int, default=5, help="top re-ranked images merged by QE (default 5)")
     parser.add_argument("--json", dest="json_out", help="write the result as JSON to this file")
 
 
@@ -212,7 +213,7 @@ def main(args: argparse.Namespace, client) -> int:
     if unknown:
         raise SystemExit(f"unknown methods {unknown}; choose from {list(METHODS)}")
     res = evaluate(args.dataset, client, choice, args.max_size, args.store, tuple(args.distractors),
-                   args.whiten_on, args.top_n, methods).result
+                   args.whiten_on, args.top_n, methods, qe=args.qe).result
     print_table(res)
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(res, indent=1))

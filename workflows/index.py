@@ -13,7 +13,6 @@ import argparse
 import sys
 import time
 from functools import reduce
-from pathlib import Path
 
 import numpy as np
 

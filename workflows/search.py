@@ -23,7 +23,7 @@ from rmac.ops.pooling import l2n, mac, rmac
 from rmac.ops.rerank import query_expansion, rerank as rerank_maps, rescore
 from rmac.storage.images import BadImage, load_image
 from rmac.storage.store import Store, StoreError
-from rmac.workflows.extract import DEFAULT_BACKBONE, ModelChoice, add_model_arguments, worker_model
+from rmac.workflows.extract import ModelChoice, worker_model
 from rmac.workflows.index import load_whitening, require_indexed
 
 

@@ -1,0 +1,389 @@
+"""`rmac bench quantisation`: what storing the activation maps quantised costs in re-ranking mAP, and
+how many bytes the stored maps take.
+
+Everything is computed in this process from the float activation maps of the dataset (nothing is
+cached on disk). The filtering (MAC / R-MAC, whitening fitted on the dataset's distractors as
+`rmac evaluate` does) is done once on the float maps, so every variant re-ranks *the same short-lists*
+with the same query vectors and whitening; only the maps handed to `rmac.ops.rerank.rerank` change:
+
+- ``float32``: the float maps, through the exact float path (double-double integral images);
+- ``q<L> lut``: the maps quantised to ``L`` levels by `rmac.ops.quantise.quantise` (what `rmac extract`
+  stores, 31 levels by default), through the LUT path (exact int64 sums of ``q^10``, table root);
+- ``q<L> float``: the same quantised maps dequantised (``q * scale``) through the float path: the cost
+  of the rounding alone, without the LUT root's approximation.
+
+The LUT path is exact only while ``levels^10 * cells < 2^63`` (`rmac.ops.integral.max_exact_cells`):
+7 levels up to 3.5e10 cells, 15 up to 1.6e7, 31 up to 11253, but 63 levels only up to 9 cells, so
+63 levels can only be measured dequantised (the LUT path refuses those maps).
+
+Methods: ``mac+aml`` (MAC filtering, MAC localised similarity), ``rmac+aml`` (R-MAC filtering, R-MAC of
+the localised box) and ``rmac+aml+qe`` (query expansion with the top 5 localised R-MACs). mAP is the
+Oxford protocol's (revisited datasets: the Medium protocol), in percent; differences are in points.
+
+Bytes per image: every map quantised at each level count, padded to the store's map side and written
+with the store's codec (`rmac.storage.store.MAPS_CODEC`, Zarr v3, one inner chunk per image in
+shards of 16) into an in-memory Zarr store; plus the same for a 256-channel subset (AlexNet's conv5
+has 256 channels; the paper stores ~32 kB per 1024 x 768 image: 30 x 22 cells x 256 channels, 81% zeros,
+8 values, ~1 byte per non-zero).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from rmac.ops import whitening as wh
+from rmac.ops.evaluate import compute_map, iou_cells
+from rmac.ops.integral import ALPHA, max_exact_cells
+from rmac.ops.pooling import l2n, mac, regional_mac, rmac
+from rmac.ops.quantise import DEFAULT_CLIP, dequantise, quantise
+from rmac.ops.regions import rmac_regions
+from rmac.ops.rerank import query_expansion, rerank, rescore
+
+DEFAULT_LEVELS = (31, 15, 63, 7)  # 31: the store's default; 7 (8 values): the paper's
+METHODS = ("mac+aml", "rmac+aml", "rmac+aml+qe")
+ALEXNET_CHANNELS = 256
+PAPER_ALEXNET_HW = (22, 30)  # AlexNet conv5 on a 1024 x 768 image (paper, Section 8)
+PAPER_BYTES = 32_000
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+def _select(ds, n_queries: int | None, n_distractors: int | None):
+    """The queries kept and the database ids: every image their ground truth names, plus the first
+    ``n_distractors`` other database images (all when None)."""
+    queries = ds.queries[:n_queries] if n_queries else list(ds.queries)
+    if n_distractors is None and n_queries is None:
+        return queries, list(ds.images)
+    named, anyq = set(), set()
+    for q in ds.queries:
+        ids = {*q.ok, *q.junk, *(q.easy or []), *(q.hard or []), q.image}
+        anyq |= ids
+        if q in queries:
+            named |= ids
+    db = set(ds.images)
+    others = [i for i in ds.images if i not in anyq]  # distractors: in no query's ground truth
+    keep = named & db | set(others if n_distractors is None else others[:n_distractors])
+    return queries, [i for i in ds.images if i in keep]
+
+
+def _extract(ds, ids, queries, backbone: str, weights: str | None, max_size: int):
+    """Float maps of the database images and the queries' (maps, image_hw, bbox), in this process."""
+    from rmac.storage.images import load_image
+    from rmac.workflows.extract import ModelChoice, image_features, worker_model
+    from rmac.workflows.search import query_maps
+
+    choice = ModelChoice(backbone, weights)
+    model, spec = worker_model(choice)
+    maps = [image_features(model, spec, load_image(ds.image_paths[i]), max_size) for i in ids]
+    qmaps = [query_maps(str(ds.image_paths[q.image]), q.bbox, choice, max_size) for q in queries]
+    return maps, qmaps, spec
+
+
+def _padded(maps: list[np.ndarray], dtype=None) -> tuple[np.ndarray, np.ndarray]:
+    hw = np.array([m.shape[1:] for m in maps], dtype=np.int64)
+    H, W = hw.max(axis=0)
+    out = np.zeros((len(maps), maps[0].shape[0], H, W), dtype=dtype or maps[0].dtype)
+    for i, m in enumerate(maps):
+        out[i, :, :m.shape[1], :m.shape[2]] = m
+    return out, hw
+
+
+# ---------------------------------------------------------------------------------------------
+# filtering, re-ranking, mAP
+
+
+def _whitening(maps: list[np.ndarray], rows: np.ndarray, L: int, dim: int) -> wh.Whitening:
+    """PCA-whitening of the l2-normalised regional MACs of the float maps of ``rows``."""
+    stats = wh.empty(maps[0].shape[0])
+    for r in rows:
+        x = maps[r]
+        stats = wh.merge(stats, wh.stats(l2n(regional_mac(x, rmac_regions(x.shape[2], x.shape[1], L)))))
+    return wh.fit(stats, dim=min(dim, maps[0].shape[0]))
+
+
+def _ranking(short: np.ndarray, scores: np.ndarray, rest: np.ndarray) -> np.ndarray:
+    return np.concatenate([short[np.argsort(-scores, kind="stable")], rest])
+
+
+def _rerank_all(stack, hw, levels, qvs, shorts, use_rmac: bool, w, L: int, qe: int):
+    """Re-rank every query's short-list; returns per query (scores, boxes, qe_scores or None)."""
+    out = []
+    for qv, short in zip(qvs, shorts):
+        rows = np.sort(short)
+        maps = stack if len(rows) == len(stack) else stack[rows]
+        res = rerank(maps, qv.mac, qv.aspect, map_hw=hw[rows], q_rmac=qv.rmac if use_rmac else None,
+                     whitening=w if use_rmac else None, L=L, levels=levels or 31)
+        at = {int(r): i for i, r in enumerate(rows)}
+        pick = np.array([at[int(r)] for r in short])  # back to the short-list's order
+        scores, boxes = res.scores[pick], res.boxes[pick]
+        qe_scores = None
+        if use_rmac and qe:
+            vecs = res.vectors[pick]
+            order = np.argsort(-scores, kind="stable")
+            qe_scores = rescore(query_expansion(qv.rmac, vecs, order, k=qe), vecs)
+        out.append((scores, boxes, qe_scores))
+    return out
+
+
+def _map(rankings: list[np.ndarray], gnd: list[dict]) -> tuple[float, np.ndarray]:
+    m, aps, _, _ = compute_map(np.stack(rankings, axis=1), gnd)
+    return 100.0 * float(m), 100.0 * aps
+
+
+# ---------------------------------------------------------------------------------------------
+# bytes
+
+
+def _codec_bytes(maps_u8: list[np.ndarray], side: int, partition: int = 16) -> int:
+    """Bytes of ``maps_u8`` written like the store's ``maps`` array (padded to ``side``, one inner chunk
+    per image, shards of ``partition`` images, MAPS_CODEC) into an in-memory Zarr v3 store."""
+    import zarr
+    from zarr.storage import MemoryStore
+
+    from rmac.storage.store import MAPS_CODEC
+
+    K = maps_u8[0].shape[0]
+    d: dict = {}
+    arr = zarr.create_array(MemoryStore(d), name="maps", shape=(len(maps_u8), K, side, side),
+                            chunks=(1, K, side, side), shards=(partition, K, side, side), dtype="uint8",
+                            fill_value=0, compressors=MAPS_CODEC)
+    for p0 in range(0, len(maps_u8), partition):
+        block = np.zeros((min(partition, len(maps_u8) - p0), K, side, side), np.uint8)
+        for j, m in enumerate(maps_u8[p0:p0 + len(block)]):
+            block[j, :, :m.shape[1], :m.shape[2]] = m
+        arr[p0:p0 + len(block)] = block
+    return sum(len(v.to_bytes()) for k, v in d.items() if k.startswith("maps/c/"))
+
+
+def bytes_table(maps: list[np.ndarray], levels: tuple[int, ...], side: int, channels: np.ndarray | None = None,
+                clip: float = DEFAULT_CLIP) -> list[dict]:
+    """Per level count: stored bytes per image, non-zero fraction, bytes per non-zero, bits per value."""
+    if channels is not None:
+        maps = [np.ascontiguousarray(m[channels]) for m in maps]
+    n = len(maps)
+    values = sum(m.size for m in maps)
+    rows = []
+    for L in levels:
+        q = [quantise(m, L, clip)[0] for m in maps]
+        nnz = sum(int(np.count_nonzero(x)) for x in q)
+        b = _codec_bytes(q, side)
+        rows.append({"levels": L, "bytes_per_image": round(b / n), "nonzero_fraction": round(nnz / values, 4),
+                     "bytes_per_nonzero": round(b / max(nnz, 1), 3), "bits_per_value": round(8 * b / values, 3),
+                     "cells_per_image": round(values / n / maps[0].shape[0], 1)})
+    rows.append({"levels": None, "dtype": "float32 (uncompressed)", "bytes_per_image": round(4 * values / n),
+                 "nonzero_fraction": round(sum(int(np.count_nonzero(m)) for m in maps) / values, 4)})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# the benchmark
+
+
+def bench_quantisation(dataset: str | None = None, backbone: str = "efficientnet-lite0", max_size: int = 1024,
+                       weights: str | None = None, levels: tuple[int, ...] = DEFAULT_LEVELS, top_n: int = 1000,
+                       L: int = 3, dim: int = 512, qe: int = 5, n_queries: int | None = None,
+                       n_distractors: int | None = None, dequantised: bool = True, byte_levels=None,
+                       seed: int = 0) -> dict:
+    """Re-ranking mAP with float maps vs quantised maps (same short-lists) and stored bytes per image.
+
+    ``dataset``: anything `load_dataset` reads (default: the embedded dev set). ``n_queries`` /
+    ``n_distractors`` cut it down (the first queries, every image their ground truth names, and the
+    first other images) for quick runs. ``dequantised``: also run each level count's dequantised maps
+    through the float path (always done where the LUT path is not exact).
+    """
+    from rmac.data import LANDMARKS_DEV
+    from rmac.ops.backbones import max_map_side
+    from rmac.storage.datasets import load_dataset
+    from rmac.workflows.evaluate import full_ranking, whitening_subset
+    from rmac.workflows.search import query_vectors
+
+    ds = load_dataset(dataset if dataset is not None else str(LANDMARKS_DEV))
+    queries, ids = _select(ds, n_queries, n_distractors)
+    timings = {}
+    t = time.perf_counter()
+    maps, qmaps, spec = _extract(ds, ids, queries, backbone, weights, max_size)
+    timings["extract_s"] = time.perf_counter() - t
+    n = len(ids)
+    rows_of = {i: r for r, i in enumerate(ids)}
+    sub = type(ds)(ds.name, ds.root, ids, ds.image_paths, queries, ds.revisited)
+    gnd = sub.gnd(rows_of)
+
+    t = time.perf_counter()
+    wrows = np.flatnonzero(whitening_subset(sub, rows_of, n))
+    w = _whitening(maps, wrows, L, dim)
+    db_rmac = np.stack([rmac(x, L, w) for x in maps])
+    db_macw = l2n(wh.apply(w, l2n(np.stack([mac(x) for x in maps]))))
+    qvs = [query_vectors(m, w, L, hw, bbox) for m, hw, bbox in qmaps]
+    filt = {"mac": [np.argsort(-(db_macw @ qv.macw), kind="stable") for qv in qvs],
+            "rmac": [np.argsort(-(db_rmac @ qv.rmac), kind="stable") for qv in qvs]}
+    n_top = min(top_n, n)
+    filter_map = {k: round(_map([full_ranking(o, n) for o in v], gnd)[0], 2) for k, v in filt.items()}
+    timings["filter_s"] = time.perf_counter() - t
+
+    float_stack, hw = _padded(maps, np.float32)
+    cells = int(float_stack.shape[2] * float_stack.shape[3])
+    variants: list[tuple[str, str, int | None]] = [("float32", "float", None)]
+    skipped = []
+    for lv in levels:
+        exact = cells <= max_exact_cells(lv, ALPHA)
+        if exact:
+            variants.append((f"q{lv}", "lut", lv))
+        else:
+            skipped.append({"levels": lv, "path": "lut", "reason": f"{lv}^{ALPHA} x {cells} padded cells overflows "
+                            f"int64 (exact up to {max_exact_cells(lv, ALPHA)} cells)"})
+        if dequantised or not exact:
+            variants.append((f"q{lv}", "float", lv))
+
+    results, base_boxes, base_aps = [], {}, {}
+    quantised: dict[int, list[tuple[np.ndarray, float]]] = {}
+    for name, path, lv in variants:
+        t = time.perf_counter()
+        if lv is None:
+            stack = float_stack
+        else:
+            if lv not in quantised:
+                quantised[lv] = [quantise(x, lv) for x in maps]
+            if path == "lut":
+                stack = _padded([q for q, _ in quantised[lv]], np.uint8)[0]
+            else:
+                stack = _padded([dequantise(q, s) for q, s in quantised[lv]], np.float32)[0]
+        row = {"maps": name, "path": path, "levels": lv, "map": {}, "delta_points": {}, "queries_changed": {},
+               "box_iou_vs_float": {}}
+        for f in ("mac", "rmac"):
+            shorts = [o[:n_top] for o in filt[f]]
+            got = _rerank_all(stack, hw, lv, qvs, shorts, f == "rmac", w, L, qe)
+            ranked = {f"{f}+aml": [_ranking(s, sc, o[n_top:]) for s, o, (sc, _, _) in zip(shorts, filt[f], got)]}
+            if f == "rmac" and qe:
+                ranked["rmac+aml+qe"] = [_ranking(s, qs, o[n_top:]) for s, o, (_, _, qs) in zip(shorts, filt[f], got)]
+            # where the positives' boxes land, relative to the float path's
+            pos_boxes = {}
+            for qi, (s, (_, boxes, _)) in enumerate(zip(shorts, got)):
+                for j, r in enumerate(s.tolist()):
+                    if r in gnd[qi]["ok"]:
+                        pos_boxes[qi, r] = boxes[j]
+            if lv is None:
+                base_boxes[f] = pos_boxes
+            else:
+                keys = sorted(set(pos_boxes) & set(base_boxes[f]))
+                if keys:
+                    row["box_iou_vs_float"][f"{f}+aml"] = round(100 * float(np.mean(
+                        [iou_cells(np.asarray(pos_boxes[k]), np.asarray(base_boxes[f][k])) for k in keys])), 2)
+            for m, rk in ranked.items():
+                mp, aps = _map(rk, gnd)
+                row["map"][m] = round(mp, 2)
+                if lv is None:
+                    base_aps[m] = (mp, aps)
+                else:
+                    row["delta_points"][m] = round(mp - base_aps[m][0], 2)
+                    row["queries_changed"][m] = int(np.sum(~np.isclose(aps, base_aps[m][1], atol=1e-9)
+                                                           & ~np.isnan(aps)))
+        row["seconds"] = round(time.perf_counter() - t, 2)
+        results.append(row)
+
+    t = time.perf_counter()
+    side = max_map_side(spec, max_size)
+    blevels = tuple(byte_levels) if byte_levels else tuple(sorted(set(levels)))
+    K = maps[0].shape[0]
+    rng = np.random.default_rng(seed)
+    ch = np.sort(rng.choice(K, size=min(ALEXNET_CHANNELS, K), replace=False))
+    sub_bytes = bytes_table(maps, blevels, side, channels=ch)
+    cells_img = float(np.mean([m.shape[1] * m.shape[2] for m in maps]))
+    paper_cells = PAPER_ALEXNET_HW[0] * PAPER_ALEXNET_HW[1]
+    for r in sub_bytes:
+        if r["levels"] is not None:
+            r["projected_bytes_at_30x22"] = round(r["bytes_per_image"] * paper_cells / cells_img)
+    timings["bytes_s"] = time.perf_counter() - t
+    return {
+        "dataset": ds.name, "backbone": backbone, "max_size": max_size, "channels": K,
+        "n_images": n, "n_queries": len(queries), "top_n": n_top, "L": L, "qe": qe,
+        "whitening": {"fitted_on": f"{len(wrows)} distractors (float maps)", "dim": int(w.proj.shape[0]),
+                      "regional_vectors": int(w.n_fit)},
+        "map_hw_mean": [round(float(v), 1) for v in hw.mean(axis=0)], "padded_cells": cells,
+        "filter_map": filter_map, "rerank": results, "skipped": skipped,
+        "bytes": bytes_table(maps, blevels, side),
+        "bytes_256_channels": {"channels": f"{len(ch)} of {K} chosen at random (seed {seed})",
+                               "cells_per_image_mean": round(cells_img, 1), "rows": sub_bytes,
+                               "paper": f"~{PAPER_BYTES // 1000} kB per image (AlexNet, 30x22x256, 8 values)"},
+        "timings": {k: round(v, 2) for k, v in timings.items()},
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+
+
+def print_tables(r: dict) -> None:
+    print(f"{r['dataset']}: {r['n_images']} images, {r['n_queries']} queries, {r['backbone']} @ {r['max_size']} px "
+          f"({r['channels']} channels, maps {r['map_hw_mean'][0]:.1f} x {r['map_hw_mean'][1]:.1f} cells on average); "
+          f"top {r['top_n']} re-ranked; whitening on {r['whitening']['fitted_on']}, {r['whitening']['dim']}-D")
+    print(f"  filtering only: MAC {r['filter_map']['mac']:.2f}  R-MAC {r['filter_map']['rmac']:.2f}")
+    methods = [m for m in METHODS if m in r["rerank"][0]["map"]]
+    print(f"  {'maps':<8} {'path':<6} " + "  ".join(f"{m:>22}" for m in methods) + "   box IoU vs float (mac / rmac)")
+    for row in r["rerank"]:
+        cells = []
+        for m in methods:
+            d = row["delta_points"].get(m)
+            cells.append(f"{row['map'][m]:6.2f}" + (f" ({d:+5.2f}, {row['queries_changed'][m]:2d} q)" if d is not None
+                                                     else " " * 15))
+        ious = " / ".join(f"{row['box_iou_vs_float'].get(k, float('nan')):.1f}" for k in ("mac+aml", "rmac+aml"))
+        print(f"  {row['maps']:<8} {row['path']:<6} " + "  ".join(f"{c:>22}" for c in cells)
+              + (f"   {ious}" if row["levels"] else ""))
+    print("  (mAP %; in brackets: points vs float32 and how many queries' AP changed)")
+    for s in r["skipped"]:
+        print(f"  skipped {s['levels']} levels on the {s['path']} path: {s['reason']}")
+    print(f"\nStored maps, bytes per image ({r['channels']} channels; MAPS_CODEC, padded as in the store):")
+    _print_bytes(r["bytes"])
+    b = r["bytes_256_channels"]
+    print(f"\n256-channel (AlexNet-sized) maps: {b['channels']}, {b['cells_per_image_mean']:.0f} cells per image; "
+          f"paper: {b['paper']}")
+    _print_bytes(b["rows"], projected=True)
+
+
+def _print_bytes(rows: list[dict], projected: bool = False) -> None:
+    print(f"  {'levels':>8} {'bytes/image':>12} {'non-zero':>9} {'B/non-zero':>11} {'bits/value':>11}"
+          + (f" {'at 30x22 cells':>15}" if projected else ""))
+    for x in rows:
+        if x["levels"] is None:
+            print(f"  {'float32':>8} {x['bytes_per_image']:12d} {x['nonzero_fraction']:9.3f}   (uncompressed)")
+            continue
+        print(f"  {x['levels']:>8} {x['bytes_per_image']:12d} {x['nonzero_fraction']:9.3f} {x['bytes_per_nonzero']:11.3f} "
+              f"{x['bits_per_value']:11.3f}" + (f" {x['projected_bytes_at_30x22']:15d}" if projected else ""))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("dataset", nargs="?", help="dataset (folder, .json, gnd_*.pkl; default: the embedded "
+                                                   "landmarks-dev; e.g. the output of `rmac make-views`)")
+    parser.add_argument("--backbone", default="efficientnet-lite0")
+    parser.add_argument("--weights", help="weights file for backbones without an offline package")
+    parser.add_argument("--max-size", type=int, default=1024)
+    parser.add_argument("--levels", default=",".join(map(str, DEFAULT_LEVELS)),
+                        help="quantisation level counts to compare with float32 (default %(default)s)")
+    parser.add_argument("--top-n", type=int, default=1000, help="images re-ranked per query")
+    parser.add_argument("--queries", type=int, help="only the first QUERIES queries")
+    parser.add_argument("--distractors", type=int, help="only the first DISTRACTORS images outside the ground truth")
+    parser.add_argument("--no-dequantised", action="store_true",
+                        help="skip the dequantised float-path runs where the LUT path is exact")
+    parser.add_argument("--json", dest="json_out", help="also write the figures to this JSON file")
+
+
+def main(args: argparse.Namespace) -> int:
+    res = bench_quantisation(args.dataset, args.backbone, args.max_size, args.weights,
+                             tuple(int(v) for v in args.levels.split(",") if v.strip()), args.top_n,
+                             n_queries=args.queries, n_distractors=args.distractors,
+                             dequantised=not args.no_dequantised)
+    print_tables(res)
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__)
+    add_arguments(p)
+    raise SystemExit(main(p.parse_args()))
