@@ -230,8 +230,9 @@ def aml_search(
 def box_to_pixels(box, map_hw: tuple[int, int], image_hw: tuple[int, int]) -> tuple[float, float, float, float]:
     """Map-cell box `(x, y, w, h)` -> pixel box `(x1, y1, x2, y2)`: cell `j` covers `[j, j+1) * image/map`."""
     x, y, w, h = (int(v) for v in box)
-    sy, sx = image_hw[0] / map_hw[0], image_hw[1] / map_hw[1]
-    return (x * sx, y * sy, (x + w) * sx, (y + h) * sy)
+    (mh, mw), (H, W) = map_hw, image_hw
+    # multiply before dividing: the last cell edge lands exactly on the image edge, never past it
+    return (x * W / mw, y * H / mh, (x + w) * W / mw, (y + h) * H / mh)
 
 
 def pixels_to_cells(box_px, map_hw: tuple[int, int], image_hw: tuple[int, int]) -> tuple[int, int, int, int]:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from dask.base import tokenize
 
 from rmac.ops.pooling import mac
 from rmac.ops.quantise import quantise
@@ -124,7 +125,8 @@ def run_partitions(store: Store, client, choice: ModelChoice, progress: bool = T
 
     t0 = time.perf_counter()
     pending = store.pending_partitions()
-    futures = [client.submit(extract_partition, store, p, choice, key=f"extract-{store.path.name}-{p}",
+    tag = tokenize(str(store.path.resolve()))  # two stores named alike on one scheduler must not clash
+    futures = [client.submit(extract_partition, store, p, choice, key=f"extract-{tag}-{p}",
                              retries=2, pure=False) for p in pending]
     bar = tqdm(total=len(futures), desc="extract", unit="part", disable=not progress, file=sys.stderr)
     try:
@@ -147,7 +149,7 @@ def summarise(store: Store, seconds: float = 0.0, newly: int = 0) -> dict:
     return {
         "store": str(store.path), "images": store.n_images, "done": done, "failed": len(failed),
         "pending_partitions": len(store.pending_partitions()), "partitions_run": newly,
-        "seconds": round(seconds, 2), "map_bytes_per_image": round(store.map_bytes() / max(done, 1)),
+        "seconds": round(seconds, 2), "map_bytes_per_image": round(store.map_bytes() / done) if done else 0,
         "failures": failed,
     }
 

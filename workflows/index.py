@@ -131,9 +131,10 @@ def build_index(store: Store, client, whiten_on: Store | None = None, L: int = D
 
     store.require_complete()
     source = whiten_on or store
-    if source.config.channels != store.config.channels or source.config.backbone != store.config.backbone:
-        raise StoreError(f"whitening store {source.path} uses {source.config.backbone}, "
-                         f"the store {store.config.backbone}: they must match")
+    mine, theirs = store.config, source.config
+    if (theirs.backbone, theirs.channels, theirs.weights) != (mine.backbone, mine.channels, mine.weights):
+        raise StoreError(f"whitening store {source.path} holds {theirs.backbone} ({theirs.weights} weights) "
+                         f"features, the store {mine.backbone} ({mine.weights}): they must match")
     timings = {}
     t = time.perf_counter()
     w = whitening if whitening is not None else fit_whitening(source, client, L, dim, whiten_subset)

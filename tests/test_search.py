@@ -1,0 +1,212 @@
+"""Search end to end on a real cluster (a `dask scheduler` and two `dask worker` processes started by
+deploy/local-cluster.sh), real weights, real photos, real Zarr stores and FAISS shards, checked against
+the same kernels run in this one process: the Dask tree-reduced whitening against a fit on every
+regional vector, FAISS filtering against numpy brute force, the scattered AML re-ranking and query
+expansion against `rmac.ops.rerank` on the stored maps; then retrieval quality and the boxes."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from rmac.ops import whitening as wh
+from rmac.ops.aml import box_to_pixels
+from rmac.ops.evaluate import compute_map
+from rmac.ops.pooling import rmac
+from rmac.ops.quantise import dequantise
+from rmac.ops.rerank import query_expansion, rerank, rescore
+from rmac.storage.index import ShardedIndex
+from rmac.workflows.evaluate import full_ranking
+from rmac.workflows.extract import ModelChoice
+from rmac.workflows.index import DEFAULT_DIM, DEFAULT_L, load_whitening, regional_vectors
+from rmac.workflows.search import Database, SearchParams, answer, query_maps, query_vectors
+
+from conftest import MAX_SIZE, PARTITION
+
+pytestmark = pytest.mark.slow
+
+TOP_N = 24  # re-ranked per query: fewer than the 44 images, so the filter's cut matters too
+QE = 5
+EASY = ("christ_1", "eiffel_1", "rushmore_1", "tajmahal_1")  # their first positive is clearly first
+
+
+@pytest.fixture(scope="module")
+def db(dev_store):
+    return Database([dev_store.store])
+
+
+@pytest.fixture(scope="module")
+def queries(client, dev, dev_store, db):
+    """Every query of the subset: its maps computed on a worker, its vectors from the stored whitening."""
+    futures = [client.submit(query_maps, str(dev.image_paths[q.image]), q.bbox, ModelChoice(), MAX_SIZE,
+                             pure=False) for q in dev_store.queries]
+    out = []
+    for f in futures:
+        maps, hw, bbox = f.result()
+        out.append(query_vectors(maps, db.whitening, DEFAULT_L, hw, bbox))
+    return out
+
+
+@pytest.fixture(scope="module")
+def rankings(client, db, queries):
+    """The cluster's answer (filter, scattered AML re-ranking, QE) to every query."""
+    return [answer(db, client, qv, SearchParams(top_n=TOP_N, qe=QE)) for qv in queries]
+
+
+def assert_same_ranking(rows, scores, ref_rows, ref_scores, atol=1e-5):
+    """Same rows with the same scores (within ``atol``), in the same order except between exact ties."""
+    rows, ref_rows = np.asarray(rows), np.asarray(ref_rows)
+    assert sorted(rows.tolist()) == sorted(ref_rows.tolist())
+    ref = dict(zip(ref_rows.tolist(), np.asarray(ref_scores, np.float64).tolist()))
+    np.testing.assert_allclose(scores, [ref[r] for r in rows.tolist()], rtol=0, atol=atol)
+    np.testing.assert_allclose(scores, ref_scores, rtol=0, atol=atol)  # position by position
+    assert np.all(np.diff(np.asarray(scores, np.float64)) <= atol), "best first"
+    for i in np.flatnonzero(rows != ref_rows):  # a swap is only allowed between tied scores
+        assert abs(ref[int(rows[i])] - ref[int(ref_rows[i])]) <= atol, (i, rows[i], ref_rows[i])
+
+
+def test_the_cluster_runs_separate_worker_processes(client, dev_store):
+    import os
+
+    pids = client.run(os.getpid)
+    assert len(pids) == 2 and os.getpid() not in pids.values() and len(set(pids.values())) == 2
+    info = dev_store.info
+    assert dev_store.store.n_partitions == 6 and info["shards"] == 3 >= 2
+    for kind in ("rmac", "macw"):
+        manifest = json.loads((dev_store.path / "index" / kind / "manifest.json").read_text())
+        ranges = [(s["start"], s["stop"]) for s in manifest["shards"]]
+        assert ranges == [(0, 16), (16, 32), (32, 44)]
+        assert all(s["ntotal"] == s["stop"] - s["start"] for s in manifest["shards"])
+        assert manifest["meta"]["whitening"] == "dev distractors"
+
+
+def test_tree_reduced_whitening_equals_a_fit_on_every_regional_vector(dev_store):
+    """The whitening `rmac index` fitted by a Dask tree reduction of per-partition statistics equals a
+    fit on all regional vectors of the distractor rows computed here, in one piece."""
+    store = dev_store.store
+    w = load_whitening(store)
+    distractors = np.flatnonzero(dev_store.subset)
+    assert [store.ids[r] for r in distractors] == [i for i in dev_store.ids if i.startswith("distractor_")]
+    X = np.concatenate([regional_vectors(q, s, DEFAULT_L) for q, s in store.read_maps(distractors)])
+    ref = wh.fit(wh.stats(X), dim=DEFAULT_DIM)
+    # fitted on the distractors only: as many vectors as they have regions, fewer than the whole store
+    n_all = sum(len(regional_vectors(q, s, DEFAULT_L)) for q, s in store.read_maps(range(store.n_images)))
+    assert w.n_fit == ref.n_fit == len(X) < n_all
+    assert w.proj.shape == ref.proj.shape == (DEFAULT_DIM, store.config.channels)
+    np.testing.assert_allclose(w.mean, ref.mean, rtol=0, atol=1e-7)
+    np.testing.assert_allclose(w.eigvals, ref.eigvals, rtol=1e-7, atol=1e-12 * ref.eigvals[0])
+    # Components with a distinct eigenvalue are unique up to sign (fixed by `fit`'s convention); those of
+    # the null space (more kept dimensions than training vectors) are an arbitrary basis of it.
+    lam = ref.eigvals
+    gap = np.minimum(np.abs(np.diff(lam, prepend=np.inf)), np.abs(np.diff(lam, append=-np.inf)))
+    distinct = (lam > 1e-9 * lam[0]) & (gap > 1e-7 * lam[0])
+    assert distinct.sum() > 0.9 * min(len(X) - 1, DEFAULT_DIM)
+    err = np.linalg.norm(w.proj[distinct] - ref.proj[distinct], axis=1) / np.linalg.norm(ref.proj[distinct], axis=1)
+    assert err.max() < 1e-4
+    # as an operator on the training data (which has no null-space component) they agree everywhere
+    np.testing.assert_allclose(wh.apply(w, X), wh.apply(ref, X), rtol=0, atol=1e-4)
+
+
+def test_stored_global_vectors_equal_in_process_ones(dev_store):
+    """The R-MAC rows the workers wrote equal `rmac.ops.pooling.rmac` of the stored maps."""
+    store = dev_store.store
+    w = load_whitening(store)
+    X = store.arrays["rmac"][:]
+    ref = np.stack([rmac(dequantise(q, s), DEFAULT_L, w) for q, s in store.read_maps(range(store.n_images))])
+    np.testing.assert_allclose(X, ref, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(X, axis=1), 1.0, atol=1e-5)
+
+
+def test_faiss_filtering_equals_brute_force_cosine(dev_store, db, queries):
+    store = dev_store.store
+    n = store.n_images
+    for kind, Q in (("rmac", np.stack([qv.rmac for qv in queries])),
+                    ("macw", np.stack([qv.macw for qv in queries]))):
+        assert len(ShardedIndex(store.path / "index" / kind).shards) == 3
+        X = store.arrays[kind][:]
+        S = Q @ X.T
+        for k in (n, 10):
+            scores, rows = db.filter(kind, Q, k)
+            assert scores.shape == rows.shape == (len(Q), k)
+            for q in range(len(Q)):
+                order = np.argsort(-S[q], kind="stable")[:k]
+                assert_same_ranking(rows[q], scores[q], order, S[q, order])
+
+
+def test_cluster_rerank_and_qe_equal_single_process(dev_store, db, queries, rankings):
+    """For every query, the filter → scattered AML re-ranking → gather → QE answer of the cluster equals
+    `rmac.ops.rerank.rerank` / `query_expansion` / `rescore` run here on `Store.read_padded` maps."""
+    store, w = dev_store.store, db.whitening
+    X = store.arrays["rmac"][:]
+    for qv, ranking in zip(queries, rankings):
+        # filter: numpy brute force
+        sims = X @ qv.rmac
+        top = np.argsort(-sims, kind="stable")[:TOP_N]
+        initial = sorted(ranking.initial_rank, key=ranking.initial_rank.get)
+        assert_same_ranking(np.array(initial), sims[initial], top, sims[top])
+        # the top N span several partitions, so the cluster scattered several tasks
+        assert len({int(r) // PARTITION for r in top}) >= 3
+        # re-rank: the kernel on the stored (padded, quantised) maps, in this process
+        maps, map_hw, image_hw = store.read_padded(top.tolist())
+        res = rerank(maps, qv.mac, qv.aspect, map_hw=map_hw, q_rmac=qv.rmac, whitening=w, L=DEFAULT_L,
+                     levels=store.config.levels, t=3, s=1.1)
+        boxes = [box_to_pixels(b, hw, ihw) for b, hw, ihw in zip(res.boxes, map_hw, image_hw)]
+        got = ranking.reranked
+        assert sorted(got) == sorted(top.tolist())
+        for i, g in enumerate(top.tolist()):
+            score, box, vec = got[g]
+            assert score == pytest.approx(res.scores[i], abs=1e-5)
+            np.testing.assert_allclose(box, boxes[i], rtol=0, atol=1e-9)
+            np.testing.assert_allclose(vec, res.vectors[i], rtol=0, atol=1e-5)
+        # QE on the re-ranked order, then the expanded query re-scores the short-list
+        order0 = np.argsort(-res.scores, kind="stable")
+        final = rescore(query_expansion(qv.rmac, res.vectors, order0, k=QE), res.vectors)
+        order = np.argsort(-final, kind="stable")
+        assert len(ranking.rows) == TOP_N
+        assert_same_ranking(ranking.rows, ranking.scores, top[order], final[order])
+        assert set(ranking.timings) == {"filter_s", "rerank_s", "qe_s"}
+
+
+def test_boxes_are_image_pixels_inside_the_image(dev_store, rankings):
+    store = dev_store.store
+    image_hw = store.arrays["image_hw"][:]
+    map_hw = store.arrays["map_hw"][:]
+    seen = 0
+    for ranking in rankings:
+        assert set(ranking.boxes) == set(ranking.rows.tolist())  # every re-ranked image has its box
+        for g, (x1, y1, x2, y2) in ranking.boxes.items():
+            H, W = (int(v) for v in image_hw[g])
+            with Image.open(store.paths[g]) as im:
+                assert im.size == (W, H), "image_hw is the photo's own size, not the network input's"
+            assert 0 <= x1 < x2 <= W and 0 <= y1 < y2 <= H, (store.ids[g], (x1, y1, x2, y2), (W, H))
+            # whole cells of the map, scaled to pixels: the edges fall on the cell grid
+            h, w = (int(v) for v in map_hw[g])
+            for v, cell in ((x1, W / w), (x2, W / w), (y1, H / h), (y2, H / h)):
+                assert abs(v / cell - round(v / cell)) < 1e-6
+            seen += 1
+    assert seen == len(rankings) * TOP_N
+
+
+def test_retrieval_quality(dev, dev_store, queries, rankings):
+    """An easy query's true positive comes first (its own image aside, which is junk), and the mAP of
+    R-MAC filtering and of the full pipeline are those of working retrieval."""
+    store = dev_store.store
+    by_name = {q.name: (q, r) for q, r in zip(dev_store.queries, rankings)}
+    for name in EASY:
+        q, r = by_name[name]
+        ids = [store.ids[g] for g in r.rows]
+        assert ids[0] == q.image, "the query's own image (junk) is the best match"
+        first = next(i for i in ids if i not in q.junk)
+        assert first in q.ok, (name, ids[:4])
+    gnd = dev.gnd(dev_store.rows_of)
+    gnd = [gnd[dev.queries.index(q)] for q in dev_store.queries]
+    n = store.n_images
+    filtered = np.stack([full_ranking(np.array(sorted(r.initial_rank, key=r.initial_rank.get)), n)
+                         for r in rankings], axis=1)
+    full = np.stack([full_ranking(r.rows, n) for r in rankings], axis=1)
+    m_filter, aps, _, _ = compute_map(filtered, gnd)
+    m_full, _, _, _ = compute_map(full, gnd)
+    assert len(aps) == 14 and not np.isnan(aps).any()
+    assert m_filter > 0.9 and m_full > 0.6, (m_filter, m_full)
