@@ -2,23 +2,29 @@
 how many bytes the stored maps take.
 
 Everything is computed in this process from the float activation maps of the dataset (nothing is
-cached on disk). The filtering (MAC / R-MAC, whitening fitted on the dataset's distractors as
-`rmac evaluate` does) is done once on the float maps, so every variant re-ranks *the same short-lists*
-with the same query vectors and whitening; only the maps handed to `rmac.ops.rerank.rerank` change:
+cached on disk). Filtering is done once, as `rmac extract` + `rmac index` + `rmac evaluate` do it: exact
+MAC from the float maps, whitening fitted on the regional MACs of the dataset's distractors and the
+database R-MACs from the stored (31-level, dequantised) maps, query vectors from the float query crop.
+So every variant re-ranks *the same short-lists* with the same query vectors and whitening; only the
+maps handed to `rmac.ops.rerank.rerank` change (the ``q31 lut`` row is what `rmac evaluate` measures):
 
 - ``float32``: the float maps, through the exact float path (double-double integral images);
 - ``q<L> lut``: the maps quantised to ``L`` levels by `rmac.ops.quantise.quantise` (what `rmac extract`
   stores, 31 levels by default), through the LUT path (exact int64 sums of ``q^10``, table root);
-- ``q<L> float``: the same quantised maps dequantised (``q * scale``) through the float path: the cost
-  of the rounding alone, without the LUT root's approximation.
+- ``q<L> float`` (with ``--dequantised``, and where the LUT path is not exact): the same quantised maps
+  dequantised (``q * scale``) through the float path: the cost of the rounding alone, without the LUT
+  root's approximation.
 
 The LUT path is exact only while ``levels^10 * cells < 2^63`` (`rmac.ops.integral.max_exact_cells`):
 7 levels up to 3.5e10 cells, 15 up to 1.6e7, 31 up to 11253, but 63 levels only up to 9 cells, so
 63 levels can only be measured dequantised (the LUT path refuses those maps).
 
-Methods: ``mac+aml`` (MAC filtering, MAC localised similarity), ``rmac+aml`` (R-MAC filtering, R-MAC of
-the localised box) and ``rmac+aml+qe`` (query expansion with the top 5 localised R-MACs). mAP is the
-Oxford protocol's (revisited datasets: the Medium protocol), in percent; differences are in points.
+Methods, scored as `rmac.workflows.search.rerank_rows` scores them: ``mac+aml`` (whitened-MAC
+filtering; AML localises with the plain MAC and the box is scored by its whitened approximate MAC),
+``rmac+aml`` (R-MAC filtering, R-MAC of the localised box) and ``rmac+aml+qe`` (query expansion with the
+top 5 localised R-MACs). mAP is the Oxford protocol's (revisited datasets: the Medium protocol), in
+percent; differences are in points. With one or two positives per query (the dev set and its views)
+one query is 100/n_queries points, so the number of queries whose AP changed is reported too.
 
 Bytes per image: every map quantised at each level count, padded to the store's map side and written
 with the store's codec (`rmac.storage.store.MAPS_CODEC`, Zarr v3, one inner chunk per image in
@@ -30,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -38,12 +45,13 @@ import numpy as np
 from rmac.ops import whitening as wh
 from rmac.ops.evaluate import compute_map, iou_cells
 from rmac.ops.integral import ALPHA, max_exact_cells
-from rmac.ops.pooling import l2n, mac, regional_mac, rmac
+from rmac.ops.pooling import l2n, mac, regional_mac, rmac_aggregate
 from rmac.ops.quantise import DEFAULT_CLIP, dequantise, quantise
 from rmac.ops.regions import rmac_regions
 from rmac.ops.rerank import query_expansion, rerank, rescore
 
-DEFAULT_LEVELS = (31, 15, 63, 7)  # 31: the store's default; 7 (8 values): the paper's
+DEFAULT_LEVELS = (31, 15, 7, 63)  # 31: the store's default; 7 (8 values): the paper's
+STORE_LEVELS = 31  # what `rmac extract` stores by default: the filtering vectors come from these maps
 METHODS = ("mac+aml", "rmac+aml", "rmac+aml+qe")
 ALEXNET_CHANNELS = 256
 PAPER_ALEXNET_HW = (22, 30)  # AlexNet conv5 on a 1024 x 768 image (paper, Section 8)
@@ -98,13 +106,16 @@ def _padded(maps: list[np.ndarray], dtype=None) -> tuple[np.ndarray, np.ndarray]
 # filtering, re-ranking, mAP
 
 
-def _whitening(maps: list[np.ndarray], rows: np.ndarray, L: int, dim: int) -> wh.Whitening:
-    """PCA-whitening of the l2-normalised regional MACs of the float maps of ``rows``."""
-    stats = wh.empty(maps[0].shape[0])
+def _regional(x: np.ndarray, L: int) -> np.ndarray:
+    return l2n(regional_mac(x, rmac_regions(x.shape[2], x.shape[1], L)))
+
+
+def _whitening(regional: list[np.ndarray], rows: np.ndarray, dim: int) -> wh.Whitening:
+    """PCA-whitening of the regional vectors of ``rows`` (as `rmac index` fits it)."""
+    stats = wh.empty(regional[0].shape[1])
     for r in rows:
-        x = maps[r]
-        stats = wh.merge(stats, wh.stats(l2n(regional_mac(x, rmac_regions(x.shape[2], x.shape[1], L)))))
-    return wh.fit(stats, dim=min(dim, maps[0].shape[0]))
+        stats = wh.merge(stats, wh.stats(regional[r]))
+    return wh.fit(stats, dim=min(dim, regional[0].shape[1]))
 
 
 def _ranking(short: np.ndarray, scores: np.ndarray, rest: np.ndarray) -> np.ndarray:
@@ -122,6 +133,8 @@ def _rerank_all(stack, hw, levels, qvs, shorts, use_rmac: bool, w, L: int, qe: i
         at = {int(r): i for i, r in enumerate(rows)}
         pick = np.array([at[int(r)] for r in short])  # back to the short-list's order
         scores, boxes = res.scores[pick], res.boxes[pick]
+        if not use_rmac:  # as `rmac.workflows.search.rerank_rows`: the box's whitened approximate MAC
+            scores = l2n(wh.apply(w, res.vectors[pick])) @ qv.macw
         qe_scores = None
         if use_rmac and qe:
             vecs = res.vectors[pick]
@@ -188,15 +201,20 @@ def bytes_table(maps: list[np.ndarray], levels: tuple[int, ...], side: int, chan
 def bench_quantisation(dataset: str | None = None, backbone: str = "efficientnet-lite0", max_size: int = 1024,
                        weights: str | None = None, levels: tuple[int, ...] = DEFAULT_LEVELS, top_n: int = 1000,
                        L: int = 3, dim: int = 512, qe: int = 5, n_queries: int | None = None,
-                       n_distractors: int | None = None, dequantised: bool = True, byte_levels=None,
-                       seed: int = 0) -> dict:
+                       n_distractors: int | None = None, dequantised: bool = False, byte_levels=None,
+                       seed: int = 0, progress: bool = False) -> dict:
     """Re-ranking mAP with float maps vs quantised maps (same short-lists) and stored bytes per image.
 
     ``dataset``: anything `load_dataset` reads (default: the embedded dev set). ``n_queries`` /
     ``n_distractors`` cut it down (the first queries, every image their ground truth names, and the
     first other images) for quick runs. ``dequantised``: also run each level count's dequantised maps
-    through the float path (always done where the LUT path is not exact).
+    through the float path (always done where the LUT path is not exact). ``progress``: one line per
+    stage on stderr.
     """
+    def say(msg: str) -> None:
+        if progress:
+            print(f"bench quantisation: {msg}", file=sys.stderr, flush=True)
+
     from rmac.data import LANDMARKS_DEV
     from rmac.ops.backbones import max_map_side
     from rmac.storage.datasets import load_dataset
@@ -209,6 +227,7 @@ def bench_quantisation(dataset: str | None = None, backbone: str = "efficientnet
     t = time.perf_counter()
     maps, qmaps, spec = _extract(ds, ids, queries, backbone, weights, max_size)
     timings["extract_s"] = time.perf_counter() - t
+    say(f"extracted {len(ids)} images and {len(queries)} queries in {timings['extract_s']:.0f} s")
     n = len(ids)
     rows_of = {i: r for r, i in enumerate(ids)}
     sub = type(ds)(ds.name, ds.root, ids, ds.image_paths, queries, ds.revisited)
@@ -216,9 +235,11 @@ def bench_quantisation(dataset: str | None = None, backbone: str = "efficientnet
 
     t = time.perf_counter()
     wrows = np.flatnonzero(whitening_subset(sub, rows_of, n))
-    w = _whitening(maps, wrows, L, dim)
-    db_rmac = np.stack([rmac(x, L, w) for x in maps])
-    db_macw = l2n(wh.apply(w, l2n(np.stack([mac(x) for x in maps]))))
+    quantised: dict[int, list[tuple[np.ndarray, float]]] = {STORE_LEVELS: [quantise(x, STORE_LEVELS) for x in maps]}
+    regional = [_regional(dequantise(q, sc), L) for q, sc in quantised[STORE_LEVELS]]  # as `rmac index`
+    w = _whitening(regional, wrows, dim)
+    db_rmac = np.stack([rmac_aggregate(r, w) for r in regional])
+    db_macw = l2n(wh.apply(w, l2n(np.stack([mac(x) for x in maps]))))  # the store keeps the exact MAC
     qvs = [query_vectors(m, w, L, hw, bbox) for m, hw, bbox in qmaps]
     filt = {"mac": [np.argsort(-(db_macw @ qv.macw), kind="stable") for qv in qvs],
             "rmac": [np.argsort(-(db_rmac @ qv.rmac), kind="stable") for qv in qvs]}
@@ -241,7 +262,6 @@ def bench_quantisation(dataset: str | None = None, backbone: str = "efficientnet
             variants.append((f"q{lv}", "float", lv))
 
     results, base_boxes, base_aps = [], {}, {}
-    quantised: dict[int, list[tuple[np.ndarray, float]]] = {}
     for name, path, lv in variants:
         t = time.perf_counter()
         if lv is None:
@@ -285,6 +305,7 @@ def bench_quantisation(dataset: str | None = None, backbone: str = "efficientnet
                                                            & ~np.isnan(aps)))
         row["seconds"] = round(time.perf_counter() - t, 2)
         results.append(row)
+        say(f"{name} {path}: " + ", ".join(f"{m} {v:.2f}" for m, v in row["map"].items()) + f" ({row['seconds']:.0f} s)")
 
     t = time.perf_counter()
     side = max_map_side(spec, max_size)
@@ -302,7 +323,8 @@ def bench_quantisation(dataset: str | None = None, backbone: str = "efficientnet
     return {
         "dataset": ds.name, "backbone": backbone, "max_size": max_size, "channels": K,
         "n_images": n, "n_queries": len(queries), "top_n": n_top, "L": L, "qe": qe,
-        "whitening": {"fitted_on": f"{len(wrows)} distractors (float maps)", "dim": int(w.proj.shape[0]),
+        "whitening": {"fitted_on": f"{len(wrows)} distractors ({STORE_LEVELS}-level maps, as `rmac index`)",
+                      "dim": int(w.proj.shape[0]),
                       "regional_vectors": int(w.n_fit)},
         "map_hw_mean": [round(float(v), 1) for v in hw.mean(axis=0)], "padded_cells": cells,
         "filter_map": filter_map, "rerank": results, "skipped": skipped,
@@ -367,8 +389,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-n", type=int, default=1000, help="images re-ranked per query")
     parser.add_argument("--queries", type=int, help="only the first QUERIES queries")
     parser.add_argument("--distractors", type=int, help="only the first DISTRACTORS images outside the ground truth")
-    parser.add_argument("--no-dequantised", action="store_true",
-                        help="skip the dequantised float-path runs where the LUT path is exact")
+    parser.add_argument("--dequantised", action="store_true",
+                        help="also run every level count's dequantised maps through the float path (slow)")
     parser.add_argument("--json", dest="json_out", help="also write the figures to this JSON file")
 
 
@@ -376,7 +398,7 @@ def main(args: argparse.Namespace) -> int:
     res = bench_quantisation(args.dataset, args.backbone, args.max_size, args.weights,
                              tuple(int(v) for v in args.levels.split(",") if v.strip()), args.top_n,
                              n_queries=args.queries, n_distractors=args.distractors,
-                             dequantised=not args.no_dequantised)
+                             dequantised=args.dequantised, progress=True)
     print_tables(res)
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(res, indent=1))
