@@ -70,40 +70,56 @@ def bench_extract(n_images: int = 96, backbone: str = "efficientnet-lite0", max_
 
 
 # -- search --------------------------------------------------------------------------------------
-def bench_search(top_n: int = 1000, n_queries: int = 5, seed: int = 0) -> dict:
+def replicate_store(src, dst: Path, reps: int):
+    """A store holding ``reps`` copies of every row of ``src`` (real maps; no re-extraction)."""
+    from rmac.storage.store import Store
+
+    ids = [f"{k}/{i}" for k in range(reps) for i in src.ids]
+    out = Store.create(dst, ids, src.paths * reps, src.config)
+    g, n = src.arrays, src.n_images
+    arrays = {k: g[k][:] for k in ("mac", "maps", "scale", "map_hw", "image_hw")}  # small: read once
+    for p in range(out.n_partitions):
+        sel = np.asarray([r % n for r in out.partition_rows(p)])
+        recs = [{"id": out.ids[r], "path": out.paths[r], "status": "done", "reason": None}
+                for r in out.partition_rows(p)]
+        out.write_partition(p, recs, *(arrays[k][sel] for k in ("mac", "maps", "scale", "map_hw", "image_hw")))
+    return out
+
+
+def bench_search(top_n: int = 1000, n_queries: int = 5) -> dict:
     """Per-query filter, re-rank (top N) and QE times on a real indexed store, and re-ranking's
     speed-up from 1 to 2 workers. The database is the embedded photos (extracted once into a temp
-    store) replicated to ``top_n`` rows so that N images are really re-ranked."""
+    store) with their rows replicated to ``top_n`` so that N images are really re-ranked."""
     from rmac.storage.datasets import load_dataset
+    from rmac.storage.store import Store
     from rmac.workflows.cluster import get_client
-    from rmac.workflows.extract import extract
+    from rmac.workflows.extract import ModelChoice, extract
     from rmac.workflows.index import build_index
     from rmac.workflows.search import Database, SearchParams, answer, query_maps, query_vectors
-    from rmac.workflows.extract import ModelChoice
 
     ds = load_dataset(str(LANDMARKS_DEV))
-    reps = max(1, -(-top_n // len(ds.images)))
-    items = [(f"{k}/{i}", str(ds.image_paths[i])) for k in range(reps) for i in ds.images]
     tmp = Path(tempfile.mkdtemp(prefix="rmac-bench-"))
-    out = {"machine": machine(), "top_n": top_n, "db_images": len(items), "queries": n_queries}
+    out = {"machine": machine(), "top_n": top_n, "queries": n_queries}
     try:
         per_workers = {}
         for n_workers in (1, 2):
             with get_client(n_workers=n_workers, quiet=True) as client:
                 if n_workers == 1:
-                    extract(items, str(tmp / "store"), client, progress=False, partition_size=64)
-                    from rmac.storage.store import Store
-                    build_index(Store(tmp / "store"), client, progress=False)
+                    extract([(i, str(ds.image_paths[i])) for i in ds.images], str(tmp / "one"), client,
+                            progress=False)
+                    reps = max(1, -(-top_n // len(ds.images)))
+                    store = replicate_store(Store(tmp / "one"), tmp / "store", reps)
+                    build_index(store, client, progress=False)
                     db = Database([Store(tmp / "store")])
-                    qs = ds.queries[:n_queries]
+                    out["db_images"] = db.n_images
                     qvs = []
-                    for q in qs:
+                    for q in ds.queries[:n_queries]:
                         maps, hw, bbox = client.submit(query_maps, str(ds.image_paths[q.image]), q.bbox,
                                                        ModelChoice(), 1024, pure=False).result()
                         qvs.append(query_vectors(maps, db.whitening, 3, hw, bbox))
                 params = SearchParams(top_n=top_n, rerank=True, qe=5)
                 w = client.scatter(db.whitening, broadcast=True)
-                answer(db, client, qvs[0], params, w)  # warm-up: numba compile, model, file cache
+                answer(db, client, qvs[0], params, w)  # warm-up: numba cache load, file cache
                 times = {"filter_s": [], "rerank_s": [], "qe_s": []}
                 for qv in qvs:
                     r = answer(db, client, qv, params, w)
