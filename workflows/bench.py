@@ -136,10 +136,12 @@ def bench_search(top_n: int = 1000, n_queries: int = 5) -> dict:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="bench", required=True)
-    from rmac.workflows import bench_aml
+    from rmac.workflows import bench_aml, bench_quality
 
     bench_aml.add_arguments(sub.add_parser("aml", help="AML vs exhaustive (Table 1), integral "
                                                        "approximation (Fig. 3), re-ranking speed"))
+    bench_quality.add_arguments(sub.add_parser("quantisation", help="re-ranking mAP with float vs quantised "
+                                                                    "maps, and bytes per image"))
     p = sub.add_parser("extract", help="Dask extraction vs a plain torch loop")
     p.add_argument("--images", type=int, default=96)
     p.add_argument("--backbone", default="efficientnet-lite0")
@@ -154,10 +156,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.bench == "aml":
-        from rmac.workflows import bench_aml
+    if args.bench in ("aml", "quantisation"):
+        from rmac.workflows import bench_aml, bench_quality
 
-        return bench_aml.main(args)
+        return (bench_aml if args.bench == "aml" else bench_quality).main(args)
     if args.bench == "extract":
         res = bench_extract(args.images, args.backbone, args.max_size, args.workers, args.random_weights)
     else:
