@@ -16,7 +16,7 @@ maps handed to `rmac.ops.rerank.rerank` change (the ``q31 lut`` row is what `rma
   root's approximation.
 
 The LUT path is exact only while ``levels^10 * cells < 2^63`` (`rmac.ops.integral.max_exact_cells`):
-7 levels up to 3.5e10 cells, 15 up to 1.6e7, 31 up to 11253, but 63 levels only up to 9 cells, so
+7 levels up to 3.3e10 cells, 15 up to 1.6e7, 31 up to 11253, but 63 levels only up to 9 cells, so
 63 levels can only be measured dequantised (the LUT path refuses those maps).
 
 Methods, scored as `rmac.workflows.search.rerank_rows` scores them: ``mac+aml`` (whitened-MAC
@@ -24,7 +24,14 @@ filtering; AML localises with the plain MAC and the box is scored by its whitene
 ``rmac+aml`` (R-MAC filtering, R-MAC of the localised box) and ``rmac+aml+qe`` (query expansion with the
 top 5 localised R-MACs). mAP is the Oxford protocol's (revisited datasets: the Medium protocol), in
 percent; differences are in points. With one or two positives per query (the dev set and its views)
-one query is 100/n_queries points, so the number of queries whose AP changed is reported too.
+one query is 100/n_queries points and AP moves in big steps when a positive swaps places with a
+near-tied negative, so each row also reports, against float32: the queries whose AP changed, the
+share of (positive, negative) pairs of the short-lists whose order flipped, and the mean absolute
+score change. The ``q31+rk`` rows are other, equally coarse 31-level quantisations of the same maps:
+each image's step is scaled by a random factor in [0.95, 1.05] (`rescaled_quantise`: the top level lands
+within 5% of the default clip point, which `rmac bench aml` found equally good from 1e-4 to 1e-3), so
+the strong responses, which decide max-pooling, round afresh. The spread of their mAP is the part of a
+float-vs-quantised difference that is chance (which values happened to round which way), not cost.
 
 Bytes per image: every map quantised at each level count, padded to the store's map side and written
 with the store's codec (`rmac.storage.store.MAPS_CODEC`, Zarr v3, one inner chunk per image in
@@ -50,8 +57,10 @@ from rmac.ops.quantise import DEFAULT_CLIP, dequantise, quantise
 from rmac.ops.regions import rmac_regions
 from rmac.ops.rerank import query_expansion, rerank, rescore
 
-DEFAULT_LEVELS = (31, 15, 7, 63)  # 31: the store's default; 7 (8 values): the paper's
+DEFAULT_LEVELS = (31, 15, 7)  # 31: the store's default; 7 (8 values): the paper's
 STORE_LEVELS = 31  # what `rmac extract` stores by default: the filtering vectors come from these maps
+DEFAULT_REDRAWS = 3
+REDRAW_SPREAD = 0.05
 METHODS = ("mac+aml", "rmac+aml", "rmac+aml+qe")
 ALEXNET_CHANNELS = 256
 PAPER_ALEXNET_HW = (22, 30)  # AlexNet conv5 on a 1024 x 768 image (paper, Section 8)
@@ -144,6 +153,32 @@ def _rerank_all(stack, hw, levels, qvs, shorts, use_rmac: bool, w, L: int, qe: i
     return out
 
 
+def rescaled_quantise(maps: np.ndarray, levels: int, factor: float, clip: float = DEFAULT_CLIP
+                      ) -> tuple[np.ndarray, float]:
+    """`quantise` with its step multiplied by ``factor``: rounding to the nearest level of the scaled
+    grid (zeros stay zero, values above the top saturate). ``factor = 1`` is `quantise` itself."""
+    _, scale = quantise(maps, levels, clip)
+    scale *= float(factor)
+    q = np.rint(np.asarray(maps, np.float32) * np.float32(1.0 / scale))
+    return np.clip(q, 0, levels).astype(np.uint8), scale
+
+
+def _order_flips(base: list[np.ndarray], other: list[np.ndarray], shorts: list[np.ndarray], gnd: list[dict]) -> float:
+    """Fraction of the (positive, negative) pairs of the short-lists (junk left out) whose order differs
+    between two scorings: what AP sees, without AP's coarseness (a tie counts as half a flip)."""
+    flips = pairs = 0.0
+    for b, o, sh, g in zip(base, other, shorts, gnd):
+        ok, junk = np.isin(sh, g["ok"]), np.isin(sh, g.get("junk", ()))
+        neg = ~ok & ~junk
+        if not ok.any() or not neg.any():
+            continue
+        db = np.sign(b[ok][:, None] - b[neg][None, :])
+        do = np.sign(o[ok][:, None] - o[neg][None, :])
+        flips += float(np.sum(np.abs(db - do))) / 2
+        pairs += db.size
+    return flips / pairs if pairs else 0.0
+
+
 def _map(rankings: list[np.ndarray], gnd: list[dict]) -> tuple[float, np.ndarray]:
     m, aps, _, _ = compute_map(np.stack(rankings, axis=1), gnd)
     return 100.0 * float(m), 100.0 * aps
@@ -202,14 +237,15 @@ def bench_quantisation(dataset: str | None = None, backbone: str = "efficientnet
                        weights: str | None = None, levels: tuple[int, ...] = DEFAULT_LEVELS, top_n: int = 1000,
                        L: int = 3, dim: int = 512, qe: int = 5, n_queries: int | None = None,
                        n_distractors: int | None = None, dequantised: bool = False, byte_levels=None,
-                       seed: int = 0, progress: bool = False) -> dict:
+                       redraws: int = DEFAULT_REDRAWS, seed: int = 0, progress: bool = False) -> dict:
     """Re-ranking mAP with float maps vs quantised maps (same short-lists) and stored bytes per image.
 
     ``dataset``: anything `load_dataset` reads (default: the embedded dev set). ``n_queries`` /
     ``n_distractors`` cut it down (the first queries, every image their ground truth names, and the
     first other images) for quick runs. ``dequantised``: also run each level count's dequantised maps
-    through the float path (always done where the LUT path is not exact). ``progress``: one line per
-    stage on stderr.
+    through the float path (always done where the LUT path is not exact). ``redraws``: that many
+    other 31-level quantisations, each image's step scaled by a random factor in [0.95, 1.05]
+    (`rescaled_quantise`): the spread of their mAP is the noise floor of the mAP differences. ``progress``: one line per stage on stderr.
     """
     def say(msg: str) -> None:
         if progress:
@@ -249,60 +285,71 @@ def bench_quantisation(dataset: str | None = None, backbone: str = "efficientnet
 
     float_stack, hw = _padded(maps, np.float32)
     cells = int(float_stack.shape[2] * float_stack.shape[3])
-    variants: list[tuple[str, str, int | None]] = [("float32", "float", None)]
+    # (name, path, levels, redraw number or None)
+    variants: list[tuple[str, str, int | None, int | None]] = [("float32", "float", None, None)]
     skipped = []
     for lv in levels:
         exact = cells <= max_exact_cells(lv, ALPHA)
         if exact:
-            variants.append((f"q{lv}", "lut", lv))
+            variants.append((f"q{lv}", "lut", lv, None))
         else:
             skipped.append({"levels": lv, "path": "lut", "reason": f"{lv}^{ALPHA} x {cells} padded cells overflows "
                             f"int64 (exact up to {max_exact_cells(lv, ALPHA)} cells)"})
         if dequantised or not exact:
-            variants.append((f"q{lv}", "float", lv))
+            variants.append((f"q{lv}", "float", lv, None))
+    for j in range(redraws):
+        variants.append((f"q{STORE_LEVELS}+r{j + 1}", "lut", STORE_LEVELS, j + 1))
 
-    results, base_boxes, base_aps = [], {}, {}
-    for name, path, lv in variants:
+    results, base = [], {}
+    for name, path, lv, run in variants:
         t = time.perf_counter()
         if lv is None:
             stack = float_stack
         else:
-            if lv not in quantised:
-                quantised[lv] = [quantise(x, lv) for x in maps]
-            if path == "lut":
-                stack = _padded([q for q, _ in quantised[lv]], np.uint8)[0]
+            if run is not None:
+                rng = np.random.default_rng([seed, run])
+                qmaps_ = [rescaled_quantise(x, lv, rng.uniform(1 - REDRAW_SPREAD, 1 + REDRAW_SPREAD))
+                          for x in maps]
             else:
-                stack = _padded([dequantise(q, s) for q, s in quantised[lv]], np.float32)[0]
-        row = {"maps": name, "path": path, "levels": lv, "map": {}, "delta_points": {}, "queries_changed": {},
+                if lv not in quantised:
+                    quantised[lv] = [quantise(x, lv) for x in maps]
+                qmaps_ = quantised[lv]
+            if path == "lut":
+                stack = _padded([q for q, _ in qmaps_], np.uint8)[0]
+            else:
+                stack = _padded([dequantise(q, sc) for q, sc in qmaps_], np.float32)[0]
+        row = {"maps": name, "path": path, "levels": lv, "redraw": run, "map": {},
+               "delta_points": {}, "queries_changed": {}, "order_flips_pct": {}, "mean_abs_score_diff": {},
                "box_iou_vs_float": {}}
         for f in ("mac", "rmac"):
             shorts = [o[:n_top] for o in filt[f]]
             got = _rerank_all(stack, hw, lv, qvs, shorts, f == "rmac", w, L, qe)
-            ranked = {f"{f}+aml": [_ranking(s, sc, o[n_top:]) for s, o, (sc, _, _) in zip(shorts, filt[f], got)]}
+            scores = {f"{f}+aml": [sc for sc, _, _ in got]}
             if f == "rmac" and qe:
-                ranked["rmac+aml+qe"] = [_ranking(s, qs, o[n_top:]) for s, o, (_, _, qs) in zip(shorts, filt[f], got)]
+                scores["rmac+aml+qe"] = [qs for _, _, qs in got]
             # where the positives' boxes land, relative to the float path's
             pos_boxes = {}
-            for qi, (s, (_, boxes, _)) in enumerate(zip(shorts, got)):
-                for j, r in enumerate(s.tolist()):
+            for qi, (sh, (_, boxes, _)) in enumerate(zip(shorts, got)):
+                for j, r in enumerate(sh.tolist()):
                     if r in gnd[qi]["ok"]:
                         pos_boxes[qi, r] = boxes[j]
             if lv is None:
-                base_boxes[f] = pos_boxes
+                base[f"{f}:boxes"] = pos_boxes
             else:
-                keys = sorted(set(pos_boxes) & set(base_boxes[f]))
+                keys = sorted(set(pos_boxes) & set(base[f"{f}:boxes"]))
                 if keys:
                     row["box_iou_vs_float"][f"{f}+aml"] = round(100 * float(np.mean(
-                        [iou_cells(np.asarray(pos_boxes[k]), np.asarray(base_boxes[f][k])) for k in keys])), 2)
-            for m, rk in ranked.items():
-                mp, aps = _map(rk, gnd)
+                        [iou_cells(np.asarray(pos_boxes[k]), np.asarray(base[f"{f}:boxes"][k])) for k in keys])), 2)
+            for m, sc in scores.items():
+                mp, aps = _map([_ranking(sh, x, o[n_top:]) for sh, x, o in zip(shorts, sc, filt[f])], gnd)
                 row["map"][m] = round(mp, 2)
                 if lv is None:
-                    base_aps[m] = (mp, aps)
-                else:
-                    row["delta_points"][m] = round(mp - base_aps[m][0], 2)
-                    row["queries_changed"][m] = int(np.sum(~np.isclose(aps, base_aps[m][1], atol=1e-9)
-                                                           & ~np.isnan(aps)))
+                    base[m] = (mp, aps, sc)
+                    continue
+                row["delta_points"][m] = round(mp - base[m][0], 2)
+                row["queries_changed"][m] = int(np.sum(~np.isclose(aps, base[m][1], atol=1e-9) & ~np.isnan(aps)))
+                row["order_flips_pct"][m] = round(100 * _order_flips(base[m][2], sc, shorts, gnd), 3)
+                row["mean_abs_score_diff"][m] = float(f"{np.mean(np.abs(np.concatenate(sc) - np.concatenate(base[m][2]))):.3g}")
         row["seconds"] = round(time.perf_counter() - t, 2)
         results.append(row)
         say(f"{name} {path}: " + ", ".join(f"{m} {v:.2f}" for m, v in row["map"].items()) + f" ({row['seconds']:.0f} s)")
@@ -346,17 +393,19 @@ def print_tables(r: dict) -> None:
           f"top {r['top_n']} re-ranked; whitening on {r['whitening']['fitted_on']}, {r['whitening']['dim']}-D")
     print(f"  filtering only: MAC {r['filter_map']['mac']:.2f}  R-MAC {r['filter_map']['rmac']:.2f}")
     methods = [m for m in METHODS if m in r["rerank"][0]["map"]]
-    print(f"  {'maps':<8} {'path':<6} " + "  ".join(f"{m:>22}" for m in methods) + "   box IoU vs float (mac / rmac)")
+    print(f"  {'maps':<8} {'path':<6} " + "  ".join(f"{m:<28}" for m in methods) + "  box IoU vs float")
     for row in r["rerank"]:
         cells = []
         for m in methods:
             d = row["delta_points"].get(m)
-            cells.append(f"{row['map'][m]:6.2f}" + (f" ({d:+5.2f}, {row['queries_changed'][m]:2d} q)" if d is not None
-                                                     else " " * 15))
-        ious = " / ".join(f"{row['box_iou_vs_float'].get(k, float('nan')):.1f}" for k in ("mac+aml", "rmac+aml"))
-        print(f"  {row['maps']:<8} {row['path']:<6} " + "  ".join(f"{c:>22}" for c in cells)
-              + (f"   {ious}" if row["levels"] else ""))
-    print("  (mAP %; in brackets: points vs float32 and how many queries' AP changed)")
+            cells.append(f"{row['map'][m]:6.2f}" + (f" ({d:+5.2f} {row['queries_changed'][m]:2d}q {row['order_flips_pct'][m]:5.2f}%)"
+                                                     if d is not None else ""))
+        iou_ = row["box_iou_vs_float"].get("rmac+aml")
+        print(f"  {row['maps']:<8} {row['path']:<6} " + "  ".join(f"{c:<28}" for c in cells)
+              + (f"  {iou_:5.1f}" if iou_ is not None else ""))
+    print("  mAP %; in brackets, against float32: points, queries whose AP changed, and % of the (positive,\n"
+          "  negative) pairs of the short-lists whose order flipped. q31+rk: 31 levels, each image's step\n"
+          "  scaled by a random factor in [0.95, 1.05]: equally coarse, so their spread is the noise floor.")
     for s in r["skipped"]:
         print(f"  skipped {s['levels']} levels on the {s['path']} path: {s['reason']}")
     print(f"\nStored maps, bytes per image ({r['channels']} channels; MAPS_CODEC, padded as in the store):")
@@ -385,10 +434,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", help="weights file for backbones without an offline package")
     parser.add_argument("--max-size", type=int, default=1024)
     parser.add_argument("--levels", default=",".join(map(str, DEFAULT_LEVELS)),
-                        help="quantisation level counts to compare with float32 (default %(default)s)")
+                        help="quantisation level counts to compare with float32 (default %(default)s; "
+                             "63 runs dequantised on the float path, slow)")
     parser.add_argument("--top-n", type=int, default=1000, help="images re-ranked per query")
     parser.add_argument("--queries", type=int, help="only the first QUERIES queries")
     parser.add_argument("--distractors", type=int, help="only the first DISTRACTORS images outside the ground truth")
+    parser.add_argument("--redraws", type=int, default=DEFAULT_REDRAWS,
+                        help="other 31-level quantisations (each image's step scaled by U(0.95, 1.05)): "
+                             "the noise floor of the mAP differences (default %(default)s)")
     parser.add_argument("--dequantised", action="store_true",
                         help="also run every level count's dequantised maps through the float path (slow)")
     parser.add_argument("--json", dest="json_out", help="also write the figures to this JSON file")
@@ -398,7 +451,7 @@ def main(args: argparse.Namespace) -> int:
     res = bench_quantisation(args.dataset, args.backbone, args.max_size, args.weights,
                              tuple(int(v) for v in args.levels.split(",") if v.strip()), args.top_n,
                              n_queries=args.queries, n_distractors=args.distractors,
-                             dequantised=args.dequantised, progress=True)
+                             dequantised=args.dequantised, redraws=args.redraws, progress=True)
     print_tables(res)
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(res, indent=1))
