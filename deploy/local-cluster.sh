@@ -14,7 +14,9 @@ start)
     echo $! >"$dir/pids"
     for _ in $(seq 100); do [ -s "$dir/scheduler.json" ] && break; sleep 0.2; done
     for i in $(seq "$n"); do
-        OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 NUMBA_NUM_THREADS=1 "$bin/dask" worker \
+        # the nanny sets MALLOC_TRIM_THRESHOLD_, which freezes glibc's mmap threshold at 128 kB and makes
+        # torch 3x slower; a fixed large mmap threshold undoes that (see workflows/cluster.py)
+        OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 NUMBA_NUM_THREADS=1 MALLOC_MMAP_THRESHOLD_=33554432 "$bin/dask" worker \
             --scheduler-file "$dir/scheduler.json" --nthreads 1 --nworkers 1 --name "w$i" \
             --local-directory "$dir/w$i" >"$dir/worker$i.log" 2>&1 &
         echo $! >>"$dir/pids"

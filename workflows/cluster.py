@@ -15,6 +15,17 @@ _THREAD_ENV = {v: "1" for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_
                                  "NUMBA_NUM_THREADS")}
 
 
+def worker_environ() -> dict:
+    """The nanny's pre-spawn environment without MALLOC_TRIM_THRESHOLD_.
+
+    distributed sets it to return memory to the OS, but any explicit value switches off glibc's
+    dynamic mmap threshold: every torch temporary above 128 kB is then mmap'ed and zeroed afresh.
+    Measured here: 0.75 s per image instead of 0.25 s for the same partition on one thread."""
+    env = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}))
+    env.pop("MALLOC_TRIM_THRESHOLD_", None)
+    return {**env, **_THREAD_ENV}
+
+
 def _default_workers() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
@@ -30,7 +41,8 @@ def get_client(scheduler: str | None = None, n_workers: int | None = None, quiet
     else:
         n = n_workers or _default_workers()
         with dask.config.set({"distributed.worker.daemon": False,
-                              "distributed.scheduler.allowed-failures": 3}):
+                              "distributed.scheduler.allowed-failures": 3,
+                              "distributed.nanny.pre-spawn-environ": worker_environ()}):
             cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
                                    dashboard_address=":0" if dashboard else None,
                                    env=_THREAD_ENV, silence_logs=logging.ERROR)
