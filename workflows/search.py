@@ -117,9 +117,14 @@ class Database:
     def n_images(self) -> int:
         return int(self.offsets[-1])
 
-    def locate(self, g: int) -> tuple[Store, int]:
+    def position(self, g: int) -> tuple[int, int]:
+        """(index of the store, row in it) of global row ``g``."""
         i = int(np.searchsorted(self.offsets, g, side="right") - 1)
-        return self.stores[i], int(g - self.offsets[i])
+        return i, int(g - self.offsets[i])
+
+    def locate(self, g: int) -> tuple[Store, int]:
+        i, r = self.position(g)
+        return self.stores[i], r
 
     def record(self, g: int) -> tuple[str, str]:
         store, r = self.locate(g)
@@ -198,8 +203,7 @@ def rerank_many(db: Database, client, qvs: list[QueryVectors], rows: list[np.nda
     for qi, qrows in enumerate(rows):
         per_part: dict[tuple[int, int], tuple[list[int], list[int]]] = defaultdict(lambda: ([], []))
         for g in np.asarray(qrows).tolist():
-            si = int(np.searchsorted(db.offsets, g, side="right") - 1)
-            r = g - int(db.offsets[si])
+            si, r = db.position(g)
             gs, rs = per_part[(si, db.stores[si].partition_of(r))]
             gs.append(g)
             rs.append(r)
