@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from rmac.ops.quantise import quantise
-from rmac.workflows import bench_quality as B
+from rmac.workflows.bench import quality as B
 
 
 def test_codec_bytes_grow_with_content():

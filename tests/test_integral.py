@@ -213,7 +213,7 @@ def test_alpha_approximates_the_max():
 
 def test_figure3_kernel_of_the_benchmark():
     """The benchmark's all-regions cosine kernel equals numpy: exact max-pooling vs region_vectors."""
-    from rmac.workflows.bench_aml import _all_region_cosines
+    from rmac.workflows.bench.aml import _all_region_cosines
 
     rng = np.random.default_rng(4)
     x = (rng.gamma(1.0, 2.0, (5, 4, 6)) * (rng.random((5, 4, 6)) > 0.5)).astype(np.float32)

@@ -18,7 +18,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import time
 from pathlib import Path
 from typing import Iterator
@@ -30,6 +29,7 @@ from rmac.ops import aml as A
 from rmac.ops import integral as I
 from rmac.ops.evaluate import iou_cells
 from rmac.ops.quantise import DEFAULT_CLIP, DEFAULT_LEVELS, dequantise, quantise
+from rmac.workflows.bench.machine import machine
 
 _REAL_MAPS: dict[tuple, list[dict]] = {}  # (backbone, max_size, root, weights) -> pairs, in memory only
 
@@ -374,10 +374,6 @@ def speed(n_maps: int = 1000, shape=(256, 22, 30), zeros: float = 0.8, levels: i
 
 
 # ---------------------------------------------------------------------------------------------
-
-
-def machine() -> str:
-    return f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
 def bench_aml(backbone: str = "efficientnet-lite0", max_size: int = 1024, data: str | None = None,
