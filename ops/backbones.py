@@ -228,10 +228,23 @@ def preprocess(image: Image.Image, spec: BackboneSpec, max_size: int = 1024) -> 
     return ((x - mean) / std).unsqueeze(0)
 
 
-def crop_query(image: Image.Image, bbox: Sequence[float]) -> Image.Image:
+def crop_query(image: Image.Image, bbox: Sequence[float], max_size: int | None = None) -> Image.Image:
     """The query image cropped to its pixel box ``(x1, y1, x2, y2)`` (outward to whole pixels,
-    clipped to the image); ValueError if nothing of the box lies inside the image."""
+    clipped to the image); ValueError if nothing of the box lies inside the image.
+
+    With ``max_size``, the whole photo is first resized exactly as ``preprocess`` resizes a database
+    image (``resized_hw``) and the box is scaled with it, so the crop is at the database's scale
+    (the paper's ``test.m``); the crop is never rescaled on its own. Without it, the crop is taken
+    at the photo's own resolution."""
     x1, y1, x2, y2 = (float(v) for v in bbox)
+    if max_size is not None:
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        h, w = resized_hw((image.height, image.width), max_size)
+        if (h, w) != (image.height, image.width):
+            sx, sy = w / image.width, h / image.height
+            x1, y1, x2, y2 = x1 * sx, y1 * sy, x2 * sx, y2 * sy
+            image = image.resize((w, h), Image.Resampling.BILINEAR)  # as preprocess does
     left, top = max(0, math.floor(x1)), max(0, math.floor(y1))
     right, bottom = min(image.width, math.ceil(x2)), min(image.height, math.ceil(y2))
     if right <= left or bottom <= top:

@@ -210,3 +210,28 @@ def test_retrieval_quality(dev, dev_store, queries, rankings):
     m_full, _, _, _ = compute_map(full, gnd)
     assert len(aps) == 14 and not np.isnan(aps).any()
     assert m_filter > 0.9 and m_full > 0.6, (m_filter, m_full)
+
+
+@pytest.mark.parametrize("name", ["christ_1", "eiffel_1"])
+def test_query_is_described_at_the_database_scale(client, dev, dev_store, db, tmp_path, name):
+    """The same photo upscaled 3x (its box too) gives the same query: the whole photo is resized as
+    `extract` resizes a database image before the box is cut, so the crop's scale does not depend on
+    the photo's resolution (cutting at full resolution first described it 3x larger)."""
+    q = next(q for q in dev_store.queries if q.name == name)
+    photo = Image.open(dev.image_paths[q.image]).convert("RGB")
+    W, H = photo.size
+    assert max(W, H) > MAX_SIZE  # the database shrinks this photo
+    box = (0.2 * W, 0.15 * H, 0.7 * W, 0.75 * H)  # a part of the photo, smaller than MAX_SIZE
+    big_path = tmp_path / f"{name}_x3.png"
+    photo.resize((3 * W, 3 * H), Image.Resampling.BICUBIC).save(big_path)
+    got = []
+    for path, bbox in ((dev.image_paths[q.image], box), (big_path, tuple(3 * v for v in box))):
+        maps, hw, bb = client.submit(query_maps, str(path), bbox, ModelChoice(), MAX_SIZE, pure=False).result()
+        got.append(query_vectors(maps, db.whitening, DEFAULT_L, hw, bb))
+    small, big = got
+    assert float(small.mac @ big.mac) >= 0.99
+    assert float(small.rmac @ big.rmac) >= 0.99
+    assert float(small.macw @ big.macw) >= 0.99
+    for params in (SearchParams(filter="rmac", rerank=False, qe=0), SearchParams(top_n=TOP_N, qe=QE)):
+        a, b = (answer(db, client, qv, params) for qv in got)
+        assert a.rows[:10].tolist() == b.rows[:10].tolist()

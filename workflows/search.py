@@ -61,7 +61,8 @@ class QueryVectors:
 
 def query_maps(path: str, bbox: tuple[float, float, float, float] | None, choice: ModelChoice,
                max_size: int) -> tuple[np.ndarray, tuple[int, int], tuple[float, float, float, float]]:
-    """Load the query, check and crop its box, return its (K, h, w) maps (runs on a worker)."""
+    """Load the query, check its box, resize the whole photo as `extract` resizes a database image and
+    crop the scaled box; return its (K, h, w) maps (runs on a worker)."""
     from rmac.ops.backbones import activations, crop_query
 
     try:
@@ -80,7 +81,10 @@ def query_maps(path: str, bbox: tuple[float, float, float, float] | None, choice
     if bbox[2] - bbox[0] < 2 or bbox[3] - bbox[1] < 2:
         raise QueryError(f"query box {bbox} is too small inside the {W}x{H} image")
     model, spec = worker_model(choice)
-    maps = activations(model, spec, crop_query(image, bbox), max_size=max_size)
+    try:  # the whole photo at the database's scale, then the (scaled) box: never the crop alone
+        maps = activations(model, spec, crop_query(image, bbox, max_size), max_size=max_size)
+    except ValueError as e:
+        raise QueryError(f"query box {bbox}: {e}") from None
     return maps, (H, W), bbox
 
 

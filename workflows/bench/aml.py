@@ -60,7 +60,7 @@ def real_pairs(backbone: str = "efficientnet-lite0", max_size: int = 1024, root:
                weights: str | None = None) -> list[dict]:
     """(query, positive) pairs with the query crop's MAC and aspect and the positive's float map."""
     from rmac.data import LANDMARKS_DEV
-    from rmac.ops.backbones import activations, crop_query
+    from rmac.ops.backbones import activations, crop_query, resized_hw
     from rmac.ops.pooling import mac
     from rmac.storage.datasets import load_oxford
     from rmac.storage.images import load_image
@@ -77,8 +77,9 @@ def real_pairs(backbone: str = "efficientnet-lite0", max_size: int = 1024, root:
     def activations_of(image_id: str, bbox=None) -> np.ndarray:
         image = load_image(ds.image_paths[image_id])
         if bbox is not None:
-            crop = crop_query(image, bbox)
-            bbox = None if crop.size == image.size else tuple(bbox)  # a whole-image box is the image
+            crop = crop_query(image, bbox, max_size)  # at the database's scale, as `rmac search`
+            whole = resized_hw((image.height, image.width), max_size)[::-1]
+            bbox = None if crop.size == whole else tuple(bbox)  # a whole-image box is the image
             image = crop
         if (image_id, bbox) not in maps:
             maps[image_id, bbox] = activations(model, spec, image, max_size)
