@@ -227,23 +227,45 @@ def aml_search(
     return _run(ii, q, map_hw, t, *aspect_bounds(query_aspect, s), refine_step, passes)
 
 
-def box_to_pixels(box, map_hw: tuple[int, int], image_hw: tuple[int, int]) -> tuple[float, float, float, float]:
-    """Map-cell box `(x, y, w, h)` -> pixel box `(x1, y1, x2, y2)`: cell `j` covers `[j, j+1) * image/map`."""
+def box_to_pixels(box, map_hw: tuple[int, int], image_hw: tuple[int, int],
+                  geometry: tuple[float, float, float, float] | None = None) -> tuple[float, float, float, float]:
+    """Map-cell box `(x, y, w, h)` -> pixel box `(x1, y1, x2, y2)`, clipped to the image.
+
+    `geometry = (stride_y, stride_x, offset_y, offset_x)` is where the backbone puts its cells
+    (`rmac.ops.backbones.cell_centres`): cell `(r, c)`'s receptive field is centred at
+    `(offset_y + stride_y * r, offset_x + stride_x * c)` and the cell stands for the stride-wide
+    span around that centre; the first and last cells of a row or column stretch to the image border.
+    Without it, cells tile the image evenly (`[j, j+1) * image/map`)."""
     x, y, w, h = (int(v) for v in box)
     (mh, mw), (H, W) = map_hw, image_hw
-    # multiply before dividing: the last cell edge lands exactly on the image edge, never past it
-    return (x * W / mw, y * H / mh, (x + w) * W / mw, (y + h) * H / mh)
+    if geometry is None:
+        # multiply before dividing: the last cell edge lands exactly on the image edge, never past it
+        return (x * W / mw, y * H / mh, (x + w) * W / mw, (y + h) * H / mh)
+    sy, sx, oy, ox = (float(v) for v in geometry)
+    ex, ey = ox - sx / 2, oy - sy / 2  # left / top edge of cell 0's span
+
+    def edge(j: int, n: int, e0: float, step: float, size: float) -> float:
+        # the border cells also stand for the strips between their span and the image border
+        return 0.0 if j <= 0 else float(size) if j >= n else min(max(e0 + step * j, 0.0), float(size))
+
+    return (edge(x, mw, ex, sx, W), edge(y, mh, ey, sy, H), edge(x + w, mw, ex, sx, W), edge(y + h, mh, ey, sy, H))
 
 
-def pixels_to_cells(box_px, map_hw: tuple[int, int], image_hw: tuple[int, int]) -> tuple[int, int, int, int]:
+def pixels_to_cells(box_px, map_hw: tuple[int, int], image_hw: tuple[int, int],
+                    geometry: tuple[float, float, float, float] | None = None) -> tuple[int, int, int, int]:
     """Pixel box `(x1, y1, x2, y2)` -> the smallest cell box `(x, y, w, h)` covering it, clipped to the map
-    and at least one cell wide and high. Inverse of `box_to_pixels` on cell boxes."""
+    and at least one cell wide and high. Inverse of `box_to_pixels` (same `geometry`) on cell boxes."""
     H, W = int(map_hw[0]), int(map_hw[1])
-    sy, sx = map_hw[0] / image_hw[0], map_hw[1] / image_hw[1]
+    if geometry is None:
+        sy, sx = image_hw[0] / map_hw[0], image_hw[1] / map_hw[1]
+        ey = ex = 0.0
+    else:
+        sy, sx, oy, ox = (float(v) for v in geometry)
+        ex, ey = ox - sx / 2, oy - sy / 2
     x1, y1, x2, y2 = (float(v) for v in box_px)
     eps = 1e-9  # a cell edge mapped to pixels and back must land on the same cell edge
-    c1 = min(max(int(math.floor(x1 * sx + eps)), 0), W - 1)
-    r1 = min(max(int(math.floor(y1 * sy + eps)), 0), H - 1)
-    c2 = min(max(int(math.ceil(x2 * sx - eps)), c1 + 1), W)
-    r2 = min(max(int(math.ceil(y2 * sy - eps)), r1 + 1), H)
+    c1 = min(max(int(math.floor((x1 - ex) / sx + eps)), 0), W - 1)
+    r1 = min(max(int(math.floor((y1 - ey) / sy + eps)), 0), H - 1)
+    c2 = min(max(int(math.ceil((x2 - ex) / sx - eps)), c1 + 1), W)
+    r2 = min(max(int(math.ceil((y2 - ey) / sy - eps)), r1 + 1), H)
     return (c1, r1, c2 - c1, r2 - r1)

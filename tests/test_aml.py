@@ -239,3 +239,38 @@ def test_box_pixel_round_trip(H, W, ih, iw, data):
     tol = 1e-6 * max(iw, ih)
     assert bx1 <= x1 + tol and by1 <= y1 + tol
     assert bx2 >= min(x2, bx1 + iw / W) - tol and by2 >= min(y2, by1 + ih / H) - tol
+
+
+@settings(max_examples=100, deadline=None)
+@given(name=st.sampled_from(sorted(__import__("rmac.ops.backbones", fromlist=["BACKBONES"]).BACKBONES)),
+       ih=st.integers(64, 3000), iw=st.integers(64, 3000), max_size=st.sampled_from([512, 800, 1024]),
+       data=st.data())
+def test_box_pixel_round_trip_with_backbone_geometry(name, ih, iw, max_size, data):
+    """With a backbone's stride and offset: cell boxes -> pixels -> the same cells; a cell's pixel box is
+    centred on its receptive-field centre (unless clipped by the image); any pixel box is covered."""
+    from rmac.ops import backbones as B
+
+    spec = B.get_spec(name)
+    H, W = B.map_shape(spec, (ih, iw), max_size)
+    if min(H, W) < 1:
+        return
+    geo = B.cell_centres(spec, (ih, iw), max_size)
+    sy, sx, oy, ox = geo
+    x = data.draw(st.integers(0, W - 1))
+    y = data.draw(st.integers(0, H - 1))
+    w = data.draw(st.integers(1, W - x))
+    h = data.draw(st.integers(1, H - y))
+    px = A.box_to_pixels((x, y, w, h), (H, W), (ih, iw), geo)
+    assert 0 <= px[0] < px[2] <= iw and 0 <= px[1] < px[3] <= ih
+    assert A.pixels_to_cells(px, (H, W), (ih, iw), geo) == (x, y, w, h)
+    cx1, _, cx2, _ = A.box_to_pixels((x, y, 1, 1), (H, W), (ih, iw), geo)
+    if 0 < x < W - 1:
+        assert (cx1 + cx2) / 2 == pytest.approx(ox + sx * x)
+    assert A.box_to_pixels((0, 0, W, H), (H, W), (ih, iw), geo) == (0.0, 0.0, iw, ih)
+    x1, x2 = sorted(data.draw(st.floats(0, iw)) for _ in range(2))
+    y1, y2 = sorted(data.draw(st.floats(0, ih)) for _ in range(2))
+    cx, cy, cw, ch = A.pixels_to_cells((x1, y1, x2, y2), (H, W), (ih, iw), geo)
+    assert 0 <= cx and 0 <= cy and cw >= 1 and ch >= 1 and cx + cw <= W and cy + ch <= H
+    bx1, by1, bx2, by2 = A.box_to_pixels((cx, cy, cw, ch), (H, W), (ih, iw), geo)
+    tol = 1e-6 * max(iw, ih)
+    assert bx1 <= x1 + tol and by1 <= y1 + tol and bx2 >= x2 - tol and by2 >= y2 - tol

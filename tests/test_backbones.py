@@ -82,10 +82,10 @@ def test_lite_extractor_and_head_equal_the_package_model():
         torch.testing.assert_close(head(features(x)), reference(x), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["alexnet", "resnet50"])
+@pytest.mark.parametrize("name", ["alexnet", "resnet50", "vgg16", "efficientnet-lite0"])
 def test_map_shape_matches_torchvision_geometry(name):
     model, spec = W.load_backbone(name, random_weights=True)
-    for hw in [(31, 40), (97, 301), (301, 97), (255, 256)]:
+    for hw in [(67, 80), (97, 301), (301, 97), (255, 256)]:
         with torch.inference_mode():
             out = model(torch.zeros(1, 3, *hw))
         assert out.shape[1:] == (spec.channels, *B.map_shape(spec, hw, 1024))
@@ -200,3 +200,76 @@ def test_random_weights_are_flagged():
 def test_unknown_backbone_is_refused():
     with pytest.raises(ValueError, match="efficientnet-lite0"):
         W.load_backbone("inception-v3")
+
+
+def _linearised(name: str) -> torch.nn.Module:
+    """The backbone with random weights, its nonlinearities removed and max-pools made average pools
+    (same kernel, stride, padding): a linear network with the same receptive fields, so the gradient of
+    one cell's output is non-zero exactly on its whole receptive field."""
+    import copy
+
+    from torch import nn
+
+    model = copy.deepcopy(B.build_backbone(name))
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, (nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish)):
+                setattr(module, child_name, nn.Identity())
+            elif isinstance(child, nn.MaxPool2d):
+                setattr(module, child_name, nn.AvgPool2d(child.kernel_size, child.stride, child.padding,
+                                                         ceil_mode=child.ceil_mode))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", list(B.BACKBONES))
+def test_cell_centres_are_the_measured_receptive_field_centres(name):
+    """Per backbone, the pixel box `box_to_pixels` gives one cell (with `cell_centres`'s stride and offset)
+    is centred within 2 px of the cell's receptive field measured on the network: the extent of the
+    gradient of the cell's response w.r.t. the input. Widths of both parities exercise TF "SAME"
+    padding, whose offset depends on them (a photo's own pixels at max size 10000: no resizing)."""
+    from rmac.ops.aml import box_to_pixels
+
+    torch.manual_seed(0)
+    model = _linearised(name)
+    spec = B.get_spec(name)
+    h = 64  # a strip: the x and y geometry are the same layers, and a strip keeps the test cheap
+    for w in (1216, 1217):
+        map_hw = B.map_shape(spec, (h, w), 10000)
+        geometry = B.cell_centres(spec, (h, w), 10000)
+        for c in (map_hw[1] // 2 - 1, map_hw[1] // 2):
+            x = torch.randn(1, 3, h, w, requires_grad=True)
+            out = model(x)
+            assert tuple(out.shape[-2:]) == map_hw
+            out[0, :, map_hw[0] // 2, c].sum().backward()
+            cols = np.flatnonzero(x.grad[0].abs().sum((0, 1)).numpy())
+            assert 0 < cols[0] and cols[-1] < w - 1, "receptive field clipped: widen the strip"
+            measured = (cols[0] + cols[-1] + 1) / 2  # pixel i covers [i, i+1)
+            x1, _, x2, _ = box_to_pixels((c, 0, 1, 1), map_hw, (h, w), geometry)
+            assert abs((x1 + x2) / 2 - measured) <= 2, (name, w, c, (x1 + x2) / 2, measured)
+
+
+def test_cell_centres_in_photo_pixels_follow_the_resize():
+    """For a photo the network sees shrunk, the stride and offset are scaled back to the photo's pixels."""
+    spec = B.get_spec("vgg16")
+    assert B.cell_centres(spec, (768, 1024), 1024) == (32.0, 32.0, 16.0, 16.0)  # pool5: cell j at 32j + 16
+    sy, sx, oy, ox = B.cell_centres(spec, (1536, 2048), 1024)  # shrunk 2x
+    assert (sy, sx, oy, ox) == (64.0, 64.0, 32.0, 32.0)
+    sy, sx, oy, ox = B.cell_centres(B.get_spec("efficientnet-lite0"), (768, 1024), 1024)
+    assert (sy, sx) == (32.0, 32.0) and (oy, ox) == (31.5, 31.5)  # SAME padding on even sizes: pads right/bottom
+
+
+@pytest.mark.parametrize("name,expected", [("vgg16", (24, 32)), ("alexnet", (23, 31))])
+def test_vgg_and_alexnet_keep_pool5(name, expected):
+    """The paper's layers (MatConvNet 31 / 15) are pool5: a 1024 x 768 image gives 32 x 24 cells with VGG16
+    and about 30 x 22 with AlexNet (31 x 23 with torchvision's padded first layer); random weights."""
+    model, spec = W.load_backbone(name, random_weights=True)
+    assert spec.stride == 32 and B.map_shape(spec, (768, 1024), 1024) == expected
+    assert B.max_map_side(spec, 1024) == expected[1]
+    hw = (768, 1024) if name == "alexnet" else (384, 512)  # VGG16 at full size is slow on a CPU
+    with torch.inference_mode():
+        out = model(torch.rand(1, 3, *hw))
+    assert tuple(out.shape[-2:]) == B.map_shape(spec, hw, 1024)
+    assert tuple(out.shape[-2:]) == ((24, 32) if name == "vgg16" and hw == (768, 1024) else
+                                     (12, 16) if name == "vgg16" else expected)

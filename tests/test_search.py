@@ -21,7 +21,7 @@ from rmac.storage.index import ShardedIndex
 from rmac.workflows.evaluate import full_ranking
 from rmac.workflows.extract import ModelChoice
 from rmac.workflows.index import DEFAULT_DIM, DEFAULT_L, load_whitening, regional_vectors
-from rmac.workflows.search import Database, SearchParams, answer, query_maps, query_vectors
+from rmac.workflows.search import Database, SearchParams, answer, cell_geometry, query_maps, query_vectors
 
 from conftest import MAX_SIZE, PARTITION
 
@@ -152,7 +152,7 @@ def test_cluster_rerank_and_qe_equal_single_process(dev_store, db, queries, rank
         maps, map_hw, image_hw = store.read_padded(top.tolist())
         res = rerank(maps, qv.mac, qv.aspect, map_hw=map_hw, q_rmac=qv.rmac, whitening=w, L=DEFAULT_L,
                      levels=store.config.levels, t=3, s=1.1)
-        boxes = [box_to_pixels(b, hw, ihw) for b, hw, ihw in zip(res.boxes, map_hw, image_hw)]
+        boxes = [box_to_pixels(b, hw, ihw, cell_geometry(store, ihw)) for b, hw, ihw in zip(res.boxes, map_hw, image_hw)]
         got = ranking.reranked
         assert sorted(got) == sorted(top.tolist())
         for i, g in enumerate(top.tolist()):
@@ -181,10 +181,12 @@ def test_boxes_are_image_pixels_inside_the_image(dev_store, rankings):
             with Image.open(store.paths[g]) as im:
                 assert im.size == (W, H), "image_hw is the photo's own size, not the network input's"
             assert 0 <= x1 < x2 <= W and 0 <= y1 < y2 <= H, (store.ids[g], (x1, y1, x2, y2), (W, H))
-            # whole cells of the map, scaled to pixels: the edges fall on the cell grid
-            h, w = (int(v) for v in map_hw[g])
-            for v, cell in ((x1, W / w), (x2, W / w), (y1, H / h), (y2, H / h)):
-                assert abs(v / cell - round(v / cell)) < 1e-6
+            # whole cells of the map at the backbone's stride and offset: unclipped edges fall on the grid
+            sy, sx, oy, ox = cell_geometry(store, (H, W))
+            for v, lim, stride, edge0 in ((x1, W, sx, ox - sx / 2), (x2, W, sx, ox - sx / 2),
+                                          (y1, H, sy, oy - sy / 2), (y2, H, sy, oy - sy / 2)):
+                k = (v - edge0) / stride
+                assert v in (0.0, float(lim)) or abs(k - round(k)) < 1e-6
             seen += 1
     assert seen == len(rankings) * TOP_N
 

@@ -168,7 +168,8 @@ def rerank_rows(store: Store, jobs: list[tuple[QueryVectors, list[int]]], whiten
         res = rerank_maps(maps[pick], qv.mac, qv.aspect, map_hw=map_hw[pick],
                           q_rmac=qv.rmac if use_rmac else None, whitening=whitening if use_rmac else None,
                           L=params.L, levels=store.config.levels, t=params.t, s=params.s)
-        boxes = [box_to_pixels(b, hw, ihw) for b, hw, ihw in zip(res.boxes, map_hw[pick], image_hw[pick])]
+        boxes = [box_to_pixels(b, hw, ihw, cell_geometry(store, ihw))
+                 for b, hw, ihw in zip(res.boxes, map_hw[pick], image_hw[pick])]
         scores, vectors = res.scores, res.vectors
         if not use_rmac:
             # MAC filtering ranks whitened MACs: the localised box is scored with the same information,
@@ -184,7 +185,17 @@ def localise_exhaustive(store: Store, row: int, q_mac: np.ndarray) -> tuple[floa
     """The exhaustive optimum window of ``q_mac`` in ``row``'s map, in image pixels (a Dask task)."""
     (q, _), = store.read_maps([row])
     best = exhaustive_search(integral_lut(q, store.config.levels), q_mac)
-    return box_to_pixels(best.box, q.shape[1:], tuple(int(v) for v in store.arrays["image_hw"][row]))
+    image_hw = tuple(int(v) for v in store.arrays["image_hw"][row])
+    return box_to_pixels(best.box, q.shape[1:], image_hw, cell_geometry(store, image_hw))
+
+
+def cell_geometry(store: Store, image_hw) -> tuple[float, float, float, float]:
+    """Where the cells of a stored image of ``image_hw`` pixels lie in its pixels (its backbone's
+    measured stride and offset at the store's max size): the ``geometry`` of `box_to_pixels`."""
+    from rmac.ops.backbones import cell_centres, get_spec
+
+    return cell_centres(get_spec(store.config.backbone), (int(image_hw[0]), int(image_hw[1])),
+                        store.config.max_size)
 
 
 @dataclass
