@@ -7,7 +7,8 @@ Layout (one folder; see docs/architecture.md)::
     STORE/parts/p000012.json per-partition records, written last by the partition's task (its done marker)
     STORE/arrays/            Zarr v3 group: mac, maps (sharded per partition), scale, map_hw, image_hw,
                              and after indexing rmac, macw
-    STORE/whitening/         Zarr group: mean, proj, eigvals (+ attrs)
+    STORE/whitening/regional/ Zarr group: mean, proj, eigvals (+ attrs), learned on regional vectors (R-MAC)
+    STORE/whitening/mac/      the same, learned on one MAC vector per image (MAC filtering)
 
 Partition ``p`` owns rows ``[p*P, (p+1)*P)`` of every array: each Zarr chunk or shard is written by
 exactly one task, so workers never contend. Nothing here is pickled.
@@ -25,7 +26,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: whitening/regional and whitening/mac (was one whitening)
 # Zero-heavy uint8 maps with few levels: bit-shuffling groups the mostly-zero high bits, zstd does the rest.
 MAPS_CODEC = BloscCodec(cname="zstd", clevel=5, shuffle=BloscShuffle.bitshuffle)
 VECTOR_CODEC = BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.shuffle)
@@ -71,7 +72,8 @@ class Store:
             raise StoreError(f"{self.path} is not an rmac store (no manifest.json): run `rmac extract` first")
         self.manifest: dict = json.loads(manifest.read_text())
         if self.manifest.get("format") != FORMAT_VERSION:
-            raise StoreError(f"{self.path}: store format {self.manifest.get('format')} is not {FORMAT_VERSION}")
+            raise StoreError(f"{self.path}: store format {self.manifest.get('format')} is not {FORMAT_VERSION}: "
+                             "re-extract it (`rmac extract` into a new --store), then `rmac index` it")
         table = json.loads((self.path / "ids.json").read_text())
         self.ids: list[str] = table["ids"]
         self.paths: list[str] = table["paths"]
@@ -222,17 +224,19 @@ class Store:
         return sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
 
     # -- whitening -------------------------------------------------------------------------------
-    def save_whitening(self, mean: np.ndarray, proj: np.ndarray, eigvals: np.ndarray, attrs: dict) -> None:
-        g = zarr.open_group(self.path / "whitening", mode="w")
+    def save_whitening(self, mean: np.ndarray, proj: np.ndarray, eigvals: np.ndarray, attrs: dict,
+                       kind: str = "regional") -> None:
+        """Save one whitening (``regional`` or ``mac``) as ``whitening/<kind>``."""
+        g = zarr.open_group(self.path / "whitening" / kind, mode="w")
         g.create_array("mean", data=np.asarray(mean, dtype="float32"))
         g.create_array("proj", data=np.asarray(proj, dtype="float32"))
         g.create_array("eigvals", data=np.asarray(eigvals, dtype="float64"))
         g.attrs.update(attrs)
 
-    def load_whitening(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
-        if not (self.path / "whitening").exists():
-            raise StoreError(f"{self.path} has no whitening: run `rmac index {self.path}` first")
-        g = zarr.open_group(self.path / "whitening", mode="r")
+    def load_whitening(self, kind: str = "regional") -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+        if not (self.path / "whitening" / kind).exists():
+            raise StoreError(f"{self.path} has no {kind} whitening: run `rmac index {self.path}` first")
+        g = zarr.open_group(self.path / "whitening" / kind, mode="r")
         return g["mean"][:], g["proj"][:], g["eigvals"][:], dict(g.attrs)
 
     def update_manifest(self, **fields: Any) -> None:

@@ -14,13 +14,13 @@ from PIL import Image
 from rmac.ops import whitening as wh
 from rmac.ops.aml import box_to_pixels
 from rmac.ops.evaluate import compute_map
-from rmac.ops.pooling import rmac
+from rmac.ops.pooling import l2n, rmac
 from rmac.ops.quantise import dequantise
 from rmac.ops.rerank import query_expansion, rerank, rescore
 from rmac.storage.index import ShardedIndex
 from rmac.workflows.evaluate import full_ranking
 from rmac.workflows.extract import ModelChoice
-from rmac.workflows.index import DEFAULT_DIM, DEFAULT_L, load_whitening, regional_vectors
+from rmac.workflows.index import DEFAULT_DIM, DEFAULT_L, load_whitening, partition_stats, regional_vectors
 from rmac.workflows.search import Database, SearchParams, answer, cell_geometry, query_maps, query_vectors
 
 from conftest import MAX_SIZE, PARTITION
@@ -45,7 +45,7 @@ def queries(client, dev, dev_store, db):
     out = []
     for f in futures:
         maps, hw, bbox = f.result()
-        out.append(query_vectors(maps, db.whitening, DEFAULT_L, hw, bbox))
+        out.append(query_vectors(maps, db.whitenings, DEFAULT_L, hw, bbox))
     return out
 
 
@@ -84,17 +84,24 @@ def test_the_cluster_runs_separate_worker_processes(client, dev_store):
 
 def test_tree_reduced_whitening_equals_a_fit_on_every_regional_vector(dev_store):
     """The whitening `rmac index` fitted by a Dask tree reduction of per-partition statistics equals a
-    fit on all regional vectors of the distractor rows computed here, in one piece."""
+    fit on all regional vectors of the distractor rows computed here, in one piece; by default it keeps
+    D = K dimensions, as the paper."""
     store = dev_store.store
+    K = store.config.channels
+    assert DEFAULT_DIM is None
     w = load_whitening(store)
     distractors = np.flatnonzero(dev_store.subset)
     assert [store.ids[r] for r in distractors] == [i for i in dev_store.ids if i.startswith("distractor_")]
     X = np.concatenate([regional_vectors(q, s, DEFAULT_L) for q, s in store.read_maps(distractors)])
-    ref = wh.fit(wh.stats(X), dim=DEFAULT_DIM)
+    ref = wh.fit(wh.stats(X))
     # fitted on the distractors only: as many vectors as they have regions, fewer than the whole store
     n_all = sum(len(regional_vectors(q, s, DEFAULT_L)) for q, s in store.read_maps(range(store.n_images)))
     assert w.n_fit == ref.n_fit == len(X) < n_all
-    assert w.proj.shape == ref.proj.shape == (DEFAULT_DIM, store.config.channels)
+    assert w.proj.shape == ref.proj.shape == (K, K)
+    _assert_same_whitening(w, ref, X)
+
+
+def _assert_same_whitening(w, ref, X):
     np.testing.assert_allclose(w.mean, ref.mean, rtol=0, atol=1e-7)
     np.testing.assert_allclose(w.eigvals, ref.eigvals, rtol=1e-7, atol=1e-12 * ref.eigvals[0])
     # Components with a distinct eigenvalue are unique up to sign (fixed by `fit`'s convention); those of
@@ -102,11 +109,27 @@ def test_tree_reduced_whitening_equals_a_fit_on_every_regional_vector(dev_store)
     lam = ref.eigvals
     gap = np.minimum(np.abs(np.diff(lam, prepend=np.inf)), np.abs(np.diff(lam, append=-np.inf)))
     distinct = (lam > 1e-9 * lam[0]) & (gap > 1e-7 * lam[0])
-    assert distinct.sum() > 0.9 * min(len(X) - 1, DEFAULT_DIM)
+    assert distinct.sum() > 0.9 * min(len(X) - 1, len(lam))
     err = np.linalg.norm(w.proj[distinct] - ref.proj[distinct], axis=1) / np.linalg.norm(ref.proj[distinct], axis=1)
     assert err.max() < 1e-4
     # as an operator on the training data (which has no null-space component) they agree everywhere
     np.testing.assert_allclose(wh.apply(w, X), wh.apply(ref, X), rtol=0, atol=1e-4)
+
+
+def test_mac_filtering_is_whitened_with_a_whitening_learned_on_mac_vectors(dev_store):
+    """MAC filtering uses its own whitening, learned on one l2-normalised MAC per distractor image (as
+    the paper's test.m), out of the same tree reduction as the regional one; `macw` rows apply it."""
+    store = dev_store.store
+    w_mac, w_reg = load_whitening(store, "mac"), load_whitening(store, "regional")
+    distractors = np.flatnonzero(dev_store.subset)
+    M = l2n(store.arrays["mac"][:][distractors])
+    ref = wh.fit(wh.stats(M))
+    assert w_mac.n_fit == len(distractors) != w_reg.n_fit
+    _assert_same_whitening(w_mac, ref, M)
+    macw = store.arrays["macw"][:][distractors]
+    np.testing.assert_allclose(macw, l2n(wh.apply(ref, M)), rtol=0, atol=2e-4)
+    regional, macs = partition_stats(store, 0, DEFAULT_L)  # one task yields both sets of statistics
+    assert macs.count == int(store.valid_rows(store.partition_rows(0)).sum()) < regional.count
 
 
 def test_stored_global_vectors_equal_in_process_ones(dev_store):
@@ -229,7 +252,7 @@ def test_query_is_described_at_the_database_scale(client, dev, dev_store, db, tm
     got = []
     for path, bbox in ((dev.image_paths[q.image], box), (big_path, tuple(3 * v for v in box))):
         maps, hw, bb = client.submit(query_maps, str(path), bbox, ModelChoice(), MAX_SIZE, pure=False).result()
-        got.append(query_vectors(maps, db.whitening, DEFAULT_L, hw, bb))
+        got.append(query_vectors(maps, db.whitenings, DEFAULT_L, hw, bb))
     small, big = got
     assert float(small.mac @ big.mac) >= 0.99
     assert float(small.rmac @ big.rmac) >= 0.99

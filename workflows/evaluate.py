@@ -22,7 +22,7 @@ from rmac.ops.evaluate import compute_map, compute_map_revisited, iou
 from rmac.storage.datasets import Dataset, load_dataset
 from rmac.storage.store import Store
 from rmac.workflows.extract import ModelChoice, add_model_arguments, extract
-from rmac.workflows.index import DEFAULT_L, build_index, load_whitening
+from rmac.workflows.index import DEFAULT_L, build_index, load_whitenings
 from rmac.workflows.search import (Database, QueryVectors, Ranking, SearchParams, answer, localise_exhaustive,
                                    query_maps, query_vectors, rerank_many)
 
@@ -110,7 +110,7 @@ def evaluate(dataset: str, client, choice: ModelChoice = ModelChoice(), max_size
         label = f"{ds.name} distractors ({int(subset.sum())} images, no query or positive)"
         build_index(st, client, L=L, whiten_subset=subset, whiten_label=label,
                                  progress=progress)
-    w = load_whitening(st)
+    w = load_whitenings(st)
     extra = [Store(p) for p in distractors]
     for d in extra:
         build_index(d, client, L=L, whitening=w, whiten_label=label, progress=progress)

@@ -1,8 +1,11 @@
 """`rmac index`: PCA-whitening as a Dask tree reduction, R-MAC / MAC global vectors, sharded FAISS.
 
-1. Each partition task turns its stored maps into l2-normalised regional MAC vectors and returns only
-   their sufficient statistics (count, sum, outer products); a `dask.bag` tree reduction merges them,
-   so no process ever holds all regional vectors. The client fits the whitening on the merged total.
+1. Each partition task turns its stored maps into l2-normalised regional MAC vectors and its images'
+   l2-normalised MACs, and returns only the sufficient statistics (count, sum, outer products) of both
+   sets; one `dask.bag` tree reduction merges the pairs, so no process ever holds all regional vectors.
+   The client fits two whitenings on the merged totals, as the paper's `test.m`: one on the regional
+   vectors (for R-MAC), one on the MAC vectors, one per image (for MAC filtering). Both keep D = K
+   dimensions unless `--dim` asks for a reduction.
 2. Each partition task builds its rows of `rmac` (the paper's R-MAC) and `macw` (l2 → whiten → l2 MAC).
 3. Each shard task builds one FAISS index over a contiguous range of partitions and writes it beside
    the store (`index/<kind>/shard_XXX.faiss` + `manifest.json`).
@@ -13,6 +16,7 @@ import argparse
 import sys
 import time
 from functools import reduce
+from typing import NamedTuple
 
 import numpy as np
 
@@ -23,7 +27,10 @@ from rmac.ops.regions import rmac_regions
 from rmac.storage.store import Store, StoreError
 
 DEFAULT_L = 3
-DEFAULT_DIM = 512
+DEFAULT_DIM: int | None = None  # the paper keeps D = K; `--dim` reduces (measured cost in --help)
+DIM_HELP = ("whitened dimensions (default: all K channels, as the paper). A reduction costs accuracy: "
+            "with EfficientNet-Lite0 (K = 1280) on the views of landmarks-dev, 512-D R-MAC scored "
+            "50 mAP against 59 at 1280-D (docs/benchmarks.md)")
 DEFAULT_SHARD_ROWS = 100_000
 VECTOR_KINDS = ("rmac", "macw")
 
@@ -43,21 +50,39 @@ def _partition_rows(store: Store, p: int, subset: np.ndarray | None) -> list[int
     return rows
 
 
-def partition_stats(store: Store, p: int, L: int, subset: np.ndarray | None = None) -> wh.WhiteningStats:
-    """Whitening statistics of the regional vectors of partition ``p`` (rows in ``subset`` only)."""
-    stats = wh.empty(store.config.channels)
-    for q, scale in store.read_maps(_partition_rows(store, p, subset)):
-        stats = wh.merge(stats, wh.stats(regional_vectors(q, scale, L)))
-    return stats
+class Whitenings(NamedTuple):
+    """The two whitenings of an index: ``regional`` (learned on regional vectors; whitens R-MAC's
+    regions) and ``mac`` (learned on one MAC vector per image; whitens MAC for MAC filtering)."""
+
+    regional: wh.Whitening
+    mac: wh.Whitening
 
 
-def _merge_all(items) -> wh.WhiteningStats:
-    return reduce(wh.merge, items)
+WHITENING_KINDS = Whitenings._fields
+
+
+def partition_stats(store: Store, p: int, L: int, subset: np.ndarray | None = None
+                    ) -> tuple[wh.WhiteningStats, wh.WhiteningStats]:
+    """Whitening statistics of partition ``p``'s regional vectors and of its images' l2-normalised MACs
+    (rows in ``subset`` only), as one pair."""
+    rows = _partition_rows(store, p, subset)
+    regional, macs = wh.empty(store.config.channels), wh.empty(store.config.channels)
+    for q, scale in store.read_maps(rows):
+        regional = wh.merge(regional, wh.stats(regional_vectors(q, scale, L)))
+    if rows:
+        macs = wh.stats(l2n(store.arrays["mac"].get_orthogonal_selection(np.asarray(rows))))
+    return regional, macs
+
+
+def _merge_all(items) -> tuple[wh.WhiteningStats, wh.WhiteningStats]:
+    return reduce(lambda a, b: (wh.merge(a[0], b[0]), wh.merge(a[1], b[1])), items)
 
 
 def fit_whitening(source: Store, client, L: int = DEFAULT_L, dim: int | None = DEFAULT_DIM,
-                  subset: np.ndarray | None = None, split_every: int = 8) -> wh.Whitening:
-    """Fit PCA-whitening on the regional vectors of ``source`` (rows in ``subset``) by tree reduction."""
+                  subset: np.ndarray | None = None, split_every: int = 8,
+                  shrinkage: float = wh.DEFAULT_SHRINKAGE) -> Whitenings:
+    """Fit both PCA-whitenings of ``source`` (rows in ``subset``) from ONE tree reduction over its
+    partitions carrying both sets of statistics: on the regional vectors and on the MAC vectors."""
     import dask.bag as db
 
     source.require_complete()
@@ -66,27 +91,30 @@ def fit_whitening(source: Store, client, L: int = DEFAULT_L, dim: int | None = D
     total = bag.reduction(
         lambda ps: _merge_all([partition_stats(source, p, L, subset) for p in ps]),
         _merge_all, split_every=split_every)
-    stats = client.compute(total).result()
-    if stats.count < 2:
-        raise StoreError(f"{source.path}: too few regional vectors ({stats.count}) to fit whitening")
-    dim = min(dim or source.config.channels, source.config.channels)
-    return wh.fit(stats, dim=dim)
+    regional, macs = client.compute(total).result()
+    for what, st in (("regional vectors", regional), ("images", macs)):
+        if st.count < 2:
+            raise StoreError(f"{source.path}: too few {what} ({st.count}) to fit whitening")
+    K = source.config.channels
+    dim = min(dim or K, K)
+    return Whitenings(regional=wh.fit(regional, dim=dim, shrinkage=shrinkage),
+                      mac=wh.fit(macs, dim=dim, shrinkage=shrinkage))
 
 
-def partition_vectors(store: Store, p: int, whitening: wh.Whitening, L: int) -> int:
+def partition_vectors(store: Store, p: int, whitening: Whitenings, L: int) -> int:
     """Write partition ``p``'s R-MAC and whitened-MAC rows; failed rows stay zero."""
     part = store.partition_rows(p)
     rows = list(part)
-    D = whitening.proj.shape[0]
+    D = whitening.regional.proj.shape[0]
     out = {k: np.zeros((len(rows), D), np.float32) for k in VECTOR_KINDS}
     keep = [i for i, ok in enumerate(store.valid_rows(part)) if ok]
     if keep:
         maps = store.read_maps([rows[i] for i in keep])
         regional = [regional_vectors(q, s, L) for q, s in maps]
         offsets = np.cumsum([0] + [len(r) for r in regional])
-        out["rmac"][keep] = rmac_aggregate_many(np.concatenate(regional), offsets, whitening)
+        out["rmac"][keep] = rmac_aggregate_many(np.concatenate(regional), offsets, whitening.regional)
         macs = store.arrays["mac"][rows[0]:rows[-1] + 1][keep]
-        out["macw"][keep] = l2n(wh.apply(whitening, l2n(macs)))
+        out["macw"][keep] = l2n(wh.apply(whitening.mac, l2n(macs)))
     g = store.arrays
     for k in VECTOR_KINDS:
         g[k][rows[0]:rows[-1] + 1] = out[k]
@@ -118,8 +146,8 @@ def shard_ranges(store: Store, shard_rows: int) -> list[tuple[int, int]]:
 def build_index(store: Store, client, whiten_on: Store | None = None, L: int = DEFAULT_L,
                 dim: int | None = DEFAULT_DIM, shard_rows: int = DEFAULT_SHARD_ROWS,
                 index_kind: str = "flat", whiten_subset: np.ndarray | None = None,
-                whiten_label: str | None = None, whitening: wh.Whitening | None = None,
-                progress: bool = True) -> dict:
+                whiten_label: str | None = None, whitening: Whitenings | None = None,
+                progress: bool = True, shrinkage: float = wh.DEFAULT_SHRINKAGE) -> dict:
     """Whitening, global vectors and FAISS shards for ``store``; returns timings and what was built.
 
     The whitening is fitted on ``whiten_on`` (default: the store itself), on the rows of
@@ -137,15 +165,19 @@ def build_index(store: Store, client, whiten_on: Store | None = None, L: int = D
                          f"features, the store {mine.backbone} ({mine.weights}): they must match")
     timings = {}
     t = time.perf_counter()
-    w = whitening if whitening is not None else fit_whitening(source, client, L, dim, whiten_subset)
+    w = whitening if whitening is not None else fit_whitening(source, client, L, dim, whiten_subset,
+                                                              shrinkage=shrinkage)
     timings["whitening_s"] = time.perf_counter() - t
     fitted_on = whiten_label or str(source.path)
-    store.save_whitening(w.mean, w.proj, w.eigvals, {
-        "fitted_on": fitted_on, "n_vectors": int(w.n_fit), "L": L, "dim": int(w.proj.shape[0]),
-        "shrinkage": float(w.shrinkage)})
+    for kind, wk in zip(WHITENING_KINDS, w):
+        store.save_whitening(wk.mean, wk.proj, wk.eigvals, {
+            "fitted_on": fitted_on, "n_vectors": int(wk.n_fit), "L": L, "dim": int(wk.proj.shape[0]),
+            "shrinkage": float(wk.shrinkage),
+            "vectors": "regional MACs (R-MAC)" if kind == "regional" else "MACs, one per image (MAC filtering)"},
+            kind=kind)
 
     t = time.perf_counter()
-    D = w.proj.shape[0]
+    D = w.regional.proj.shape[0]
     g = store.arrays
     P = store.config.partition_size
     for k in VECTOR_KINDS:
@@ -183,11 +215,16 @@ def _wait(futures, desc: str, progress: bool) -> None:
             bar.update(1)
 
 
-def load_whitening(store: Store) -> wh.Whitening:
-    """The whitening saved in ``store`` by `rmac index`."""
-    mean, proj, eigvals, attrs = store.load_whitening()
+def load_whitening(store: Store, kind: str = "regional") -> wh.Whitening:
+    """One whitening saved in ``store`` by `rmac index`: ``regional`` (R-MAC's) or ``mac``."""
+    mean, proj, eigvals, attrs = store.load_whitening(kind)
     return wh.Whitening(mean=mean, proj=proj, eigvals=eigvals, n_fit=int(attrs.get("n_vectors", 0)),
                         shrinkage=float(attrs.get("shrinkage", 0.0)))
+
+
+def load_whitenings(store: Store) -> Whitenings:
+    """Both whitenings saved in ``store`` by `rmac index`."""
+    return Whitenings(*(load_whitening(store, k) for k in WHITENING_KINDS))
 
 
 def require_indexed(store: Store) -> dict:
@@ -201,7 +238,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("store", help="an extracted store")
     parser.add_argument("--whiten-on", help="learn whitening on this other store (the paper: Oxford for Paris)")
     parser.add_argument("--levels-l", dest="L", type=int, default=DEFAULT_L, help="R-MAC scales L (default 3)")
-    parser.add_argument("--dim", type=int, default=DEFAULT_DIM, help="whitened dimensions (default %(default)s)")
+    parser.add_argument("--dim", type=int, default=DEFAULT_DIM, help=DIM_HELP)
     parser.add_argument("--shard-rows", type=int, default=DEFAULT_SHARD_ROWS, help="rows per FAISS shard")
     parser.add_argument("--ivf", action="store_true", help="IVF shards instead of exact inner product")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")

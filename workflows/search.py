@@ -24,7 +24,7 @@ from rmac.ops.rerank import query_expansion, rerank as rerank_maps, rescore
 from rmac.storage.images import BadImage, load_image
 from rmac.storage.store import Store, StoreError
 from rmac.workflows.extract import ModelChoice, worker_model
-from rmac.workflows.index import load_whitening, require_indexed
+from rmac.workflows.index import Whitenings, load_whitenings, require_indexed
 
 
 class QueryError(ValueError):
@@ -88,9 +88,16 @@ def query_maps(path: str, bbox: tuple[float, float, float, float] | None, choice
     return maps, (H, W), bbox
 
 
-def query_vectors(maps: np.ndarray, whitening: wh.Whitening, L: int, image_hw, bbox) -> QueryVectors:
+def _pair(whitening: Whitenings | wh.Whitening) -> tuple[wh.Whitening, wh.Whitening]:
+    """(regional, mac) whitenings; a single whitening serves both (older callers, benchmarks)."""
+    return tuple(whitening) if isinstance(whitening, Whitenings) else (whitening, whitening)
+
+
+def query_vectors(maps: np.ndarray, whitening: Whitenings | wh.Whitening, L: int, image_hw, bbox) -> QueryVectors:
+    """The query's vectors: R-MAC whitened with the regional whitening, MAC with the MAC whitening."""
+    w_regional, w_mac = _pair(whitening)
     m = l2n(mac(maps))
-    return QueryVectors(mac=m, macw=l2n(wh.apply(whitening, m[None])[0]), rmac=rmac(maps, L, whitening),
+    return QueryVectors(mac=m, macw=l2n(wh.apply(w_mac, m[None])[0]), rmac=rmac(maps, L, w_regional),
                         aspect=(bbox[2] - bbox[0]) / (bbox[3] - bbox[1]), image_hw=tuple(image_hw),
                         bbox=tuple(bbox))
 
@@ -110,9 +117,10 @@ class Database:
                                  f"{first.path} with {f.backbone}/{f.max_size} ({f.weights} weights)")
         self.stores = stores
         self.offsets = np.cumsum([0] + [s.n_images for s in stores])
-        self.whitening = load_whitening(first)
+        self.whitenings = load_whitenings(first)
+        self.whitening = self.whitenings.regional  # R-MAC's
         for s in stores[1:]:
-            if not np.array_equal(load_whitening(s).proj, self.whitening.proj):
+            if not all(np.array_equal(a.proj, b.proj) for a, b in zip(load_whitenings(s), self.whitenings)):
                 raise StoreError(f"{s.path} is indexed with another whitening than {first.path}: "
                                  f"re-index it with `rmac index {s.path} --whiten-on {first.path}`")
         self._indexes: dict[str, list] = {}
@@ -154,7 +162,7 @@ class Database:
         return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
 
 
-def rerank_rows(store: Store, jobs: list[tuple[QueryVectors, list[int]]], whitening: wh.Whitening,
+def rerank_rows(store: Store, jobs: list[tuple[QueryVectors, list[int]]], whitening: Whitenings | wh.Whitening,
                 params: SearchParams) -> list[dict]:
     """AML re-ranking inside one store partition (a Dask task): for each (query, rows) job, the rows'
     scores, pixel boxes and localised vectors. The partition's maps are read once for all jobs."""
@@ -162,11 +170,12 @@ def rerank_rows(store: Store, jobs: list[tuple[QueryVectors, list[int]]], whiten
     maps, map_hw, image_hw = store.read_padded(span)
     at = {r: i for i, r in enumerate(span)}
     use_rmac = params.filter == "rmac"
+    w_regional, w_mac = _pair(whitening)
     out = []
     for qv, rows in jobs:
         pick = [at[r] for r in rows]
         res = rerank_maps(maps[pick], qv.mac, qv.aspect, map_hw=map_hw[pick],
-                          q_rmac=qv.rmac if use_rmac else None, whitening=whitening if use_rmac else None,
+                          q_rmac=qv.rmac if use_rmac else None, whitening=w_regional if use_rmac else None,
                           L=params.L, levels=store.config.levels, t=params.t, s=params.s)
         boxes = [box_to_pixels(b, hw, ihw, cell_geometry(store, ihw))
                  for b, hw, ihw in zip(res.boxes, map_hw[pick], image_hw[pick])]
@@ -174,7 +183,7 @@ def rerank_rows(store: Store, jobs: list[tuple[QueryVectors, list[int]]], whiten
         if not use_rmac:
             # MAC filtering ranks whitened MACs: the localised box is scored with the same information,
             # its approximate MAC l2 -> whiten -> l2 against the query's (AML itself used plain MAC).
-            vectors = l2n(wh.apply(whitening, vectors))
+            vectors = l2n(wh.apply(w_mac, vectors))
             scores = vectors @ qv.macw
         out.append({"rows": rows, "scores": scores, "boxes": boxes, "vectors": vectors,
                     "windows": res.n_scored})
@@ -224,7 +233,7 @@ def rerank_many(db: Database, client, qvs: list[QueryVectors], rows: list[np.nda
             rs.append(r)
         for key, (gs, rs) in per_part.items():
             groups[key].append((qi, gs, rs))
-    w = whitening_future if whitening_future is not None else db.whitening
+    w = whitening_future if whitening_future is not None else db.whitenings
     futures = {key: client.submit(rerank_rows, db.stores[key[0]], [(qvs[qi], rs) for qi, _, rs in members],
                                   w, params, pure=False, retries=2)
                for key, members in groups.items()}
@@ -310,7 +319,7 @@ def search(store_paths: list[str], client, query_path: str, bbox=None, params: S
         raise StoreError(f"{db.stores[0].path} was built with {cfg.backbone}, not {choice.backbone}")
     t = time.perf_counter()
     maps, image_hw, bbox = client.submit(query_maps, query_path, bbox, choice, cfg.max_size, pure=False).result()
-    qv = query_vectors(maps, db.whitening, params.L, image_hw, bbox)
+    qv = query_vectors(maps, db.whitenings, params.L, image_hw, bbox)
     extract_s = time.perf_counter() - t
     ranking = answer(db, client, qv, params, k=k)
     ranking.timings = {"extract_s": extract_s, **ranking.timings}
