@@ -13,8 +13,8 @@ from PIL import Image
 from rmac.data import LANDMARKS_DEV
 from rmac.storage.datasets import load_json, load_oxford
 from rmac.workflows import views
-from rmac.workflows.views import (QUERY_SUFFIX, ViewParams, make_views, paste_object, perspective_coeffs,
-                                  random_quad)
+from rmac.workflows.views import (QUERY_SUFFIX, SELF_SUFFIX, ViewParams, make_views, paste_object,
+                                  perspective_coeffs, random_quad, self_paste_source)
 
 QUERIES = ["aero_1", "aero_2", "box_1", "eiffel_2"]
 LANDMARKS = ["aero_1", "aero_2", "box_1", "box_2", "eiffel_1", "eiffel_2", "eiffel_3"]
@@ -210,3 +210,34 @@ def test_revisited_source(tmp_path):
     assert (box.image, box.easy, box.hard, box.junk) == ("box_1", [], ["box_2"], ["aero_2", "box_1"])
     assert sorted(aero.boxes) == ["aero_2"] and sorted(box.boxes) == ["box_2"]
     assert load_oxford(tmp_path / "out").images == js.images
+
+
+def test_self_pastes_are_the_query_photo_itself_with_exact_boxes(src, tmp_path):
+    """`self_pastes=2`: each query photo (cut to its query box) is pasted into 2 cluttered scenes, listed
+    as positives of its own query (and of the queries that have the photo as a positive) with the pasted
+    box; the rectified paste is the query's own content."""
+    out = tmp_path / "self"
+    summary = make_views(src, out, seed=7, scale_range=SCALE, self_pastes=2)
+    js = load_json(out / "dataset.json")
+    rec = json.loads((out / "views.json").read_text())["views"]
+    photos = sorted({q.image.removesuffix(QUERY_SUFFIX) for q in js.queries})
+    assert summary["self_pastes"] == 2 * len(photos) and summary["views"] == len(POSITIVES)
+    for q in js.queries:
+        photo = q.image.removesuffix(QUERY_SUFFIX)
+        own = [f"{photo}{SELF_SUFFIX}{k}" for k in range(2)]
+        assert set(own) <= set(q.ok) and all(self_paste_source(i) == photo for i in own)
+        plain = [i for i in q.ok if self_paste_source(i) is None]
+        for i in q.ok:  # every positive has its exact box; self-pastes are of this photo or a positive's
+            assert i in q.boxes and i in js.images
+            assert self_paste_source(i) in (None, photo, *plain)
+        for sid in own:
+            r = rec[sid]
+            assert r["self_paste_of"] == photo and r["box"] == list(q.boxes[sid])
+            assert r["cut"] == list(q.bbox)
+            W, H = Image.open(js.image_paths[sid]).size
+            x1, y1, x2, y2 = q.boxes[sid]
+            assert 0 <= x1 < x2 <= W and 0 <= y1 < y2 <= H
+            source = Image.open(src / "jpg" / f"{photo}.jpg").crop(tuple(int(v) for v in r["cut"]))
+            got = _rectify(Image.open(js.image_paths[sid]), r["quad"], r["object_size"])
+            assert np.corrcoef(_gray(got), _gray(source))[0, 1] > 0.9
+    assert self_paste_source("christ_1") is None and self_paste_source("christ_1__self12") == "christ_1"

@@ -7,6 +7,12 @@ covers a fraction of the scene drawn from ``scale_range`` → recolour (brightne
 hue) → blur or JPEG-compress → warp by a random perspective → paste into a scene made of distractor
 photos (one photo, or a mosaic of 2-4 crops) → save. Distractors and junk-only images are copied
 unchanged; queries keep their original photos and boxes. Layout and schema: docs/views.md.
+
+With ``self_pastes = n > 0`` each query photo itself (cut to its query box) is also pasted, the same way,
+into ``n`` cluttered scenes (ids ``<photo>__self<k>``): positives of every query that has that photo as
+its own image or as a positive, with the exact pasted box. For their own query the true box is exactly
+what the query shows, so IoU there measures localisation, not the data (``rmac evaluate`` reports them
+apart).
 """
 from __future__ import annotations
 
@@ -28,9 +34,16 @@ from rmac.storage.datasets import Box, Dataset, Query, load_dataset, save_json
 from rmac.storage.images import load_image  # upright RGB, as extraction sees it: boxes agree
 
 __all__ = ["ViewParams", "make_views", "add_arguments", "main", "perspective_coeffs", "random_quad",
-           "render_scene", "paste_object", "object_box", "QUERY_SUFFIX"]
+           "render_scene", "paste_object", "object_box", "QUERY_SUFFIX", "SELF_SUFFIX", "self_paste_source"]
 
 QUERY_SUFFIX = "__query"  # id of the untouched copy of a query photo whose database entry became a view
+SELF_SUFFIX = "__self"  # <photo>__self<k>: the k-th scene with query photo <photo> itself pasted in
+
+
+def self_paste_source(image: str) -> str | None:
+    """The query photo pasted into self-paste ``image`` (``<photo>__self<k>``), else None."""
+    head, sep, tail = image.rpartition(SELF_SUFFIX)
+    return head if sep and tail.isdigit() else None
 _ATTRIBUTION = ("ATTRIBUTION.md", "sources.json", "licenses")
 _MANAGED = ("jpg", "gt", "dataset.json", "views.json") + _ATTRIBUTION
 
@@ -250,8 +263,10 @@ def _fmt(v: float) -> str:
 
 def make_views(src: str | Path, out: str | Path, seed: int = 0,
                scale_range: tuple[float, float] = (0.05, 0.40), overwrite: bool = False,
-               **params: Any) -> dict[str, Any]:
+               self_pastes: int = 0, **params: Any) -> dict[str, Any]:
     """Write the cluttered-views copy of dataset ``src`` (Oxford folder or JSON form) to ``out``.
+
+    ``self_pastes``: scenes per query with the query photo itself pasted in (see the module docstring).
 
     ``params`` override other :class:`ViewParams` fields. Same inputs and seed → byte-identical files.
     Returns a summary (counts, output paths, seconds).
@@ -290,6 +305,27 @@ def make_views(src: str | Path, out: str | Path, seed: int = 0,
         view.save(out / "jpg" / f"{image}.jpg", "JPEG", quality=p.out_quality)
         pasted[image] = box
         views[image] = {"cut": list(cut), "box": list(box), "scene": scene_rec, **rec}
+    self_of: dict[str, list[str]] = {}  # query photo -> its self-paste ids
+    if self_pastes < 0:
+        raise ValueError(f"self_pastes must be >= 0, got {self_pastes}")
+    for q in ds.queries if self_pastes else []:
+        if q.image in self_of:
+            continue
+        photo = load_image(ds.image_paths[q.image])
+        cut = tuple(float(v) for v in q.bbox)
+        obj = photo.crop(tuple(int(round(v)) for v in cut))
+        for k in range(self_pastes):
+            sid = f"{q.image}{SELF_SUFFIX}{k}"
+            if sid in ds.image_paths:
+                raise ValueError(f"self-paste id {sid} clashes with an existing image")
+            rng = _rng(p.seed, sid)
+            size = p.scene_size if rng.random() >= p.portrait_prob else p.scene_size[::-1]
+            scene, scene_rec = render_scene(pool, tuple(size), rng, p)
+            view, box, rec = paste_object(scene, obj, rng, p)
+            view.save(out / "jpg" / f"{sid}.jpg", "JPEG", quality=p.out_quality)
+            pasted[sid] = box
+            self_of.setdefault(q.image, []).append(sid)
+            views[sid] = {"self_paste_of": q.image, "cut": list(cut), "box": list(box), "scene": scene_rec, **rec}
     for image in ds.images:
         if image not in pasted:
             _copy_jpeg(ds.image_paths[image], out / "jpg" / f"{image}.jpg", p.out_quality)
@@ -300,20 +336,22 @@ def make_views(src: str | Path, out: str | Path, seed: int = 0,
 
     # Every file in OUT/jpg is in the text form's database: untouched photos of a query's landmark are junk.
     untouched = {**query_copy, **{i: i for i in outside}}
-    queries = [_view_query(q, query_copy, untouched, pasted) for q in ds.queries]
+    queries = [_view_query(q, query_copy, untouched, pasted, self_of) for q in ds.queries]
     for q in queries:
         x1, y1, x2, y2 = q.bbox
         (out / "gt" / f"{q.name}_query.txt").write_text(f"{q.image} {_fmt(x1)} {_fmt(y1)} {_fmt(x2)} {_fmt(y2)}\n")
         (out / "gt" / f"{q.name}_good.txt").write_text("".join(f"{i}\n" for i in q.ok))
         (out / "gt" / f"{q.name}_ok.txt").write_text("")
         (out / "gt" / f"{q.name}_junk.txt").write_text("".join(f"{i}\n" for i in q.junk))
-    images = sorted(ds.images + list(query_copy.values()) + outside)
+    selfs = [i for ids in self_of.values() for i in ids]
+    images = sorted(ds.images + list(query_copy.values()) + outside + selfs)
     paths = {i: out / "jpg" / f"{i}.jpg" for i in images + sorted(qimages)}
     view_ds = Dataset(f"{ds.name}-views", out, images, paths, queries, revisited=ds.revisited)
     save_json(view_ds, out / "dataset.json")
     _copy_attribution(ds.root, out)
 
-    counts = {"views": len(pasted), "query_copies": len(query_copy), "copied": len(ds.images) - len(pasted),
+    counts = {"views": len(pasted) - len(selfs), "self_pastes": len(selfs), "query_copies": len(query_copy),
+              "copied": len(ds.images) - (len(pasted) - len(selfs)),
               "distractor_pool": len(pool), "queries": len(queries), "images": len(images)}
     doc = {"source": ds.name, "params": asdict(p), "counts": counts,
            "notes": "views[id]: cut = object box in the source photo; box = pasted box in the view; "
@@ -323,14 +361,18 @@ def make_views(src: str | Path, out: str | Path, seed: int = 0,
     return {"out": str(out), **counts, "seconds": round(time.perf_counter() - t0, 2)}
 
 
-def _view_query(q: Query, query_copy: dict[str, str], untouched: dict[str, str], pasted: dict[str, Box]) -> Query:
+def _view_query(q: Query, query_copy: dict[str, str], untouched: dict[str, str], pasted: dict[str, Box],
+                self_of: dict[str, list[str]] | None = None) -> Query:
     """The query on the views: its photo (the untouched copy), same positives (now views) with their
-    pasted boxes; untouched photos of its own image, positives and junk join its junk."""
+    pasted boxes; untouched photos of its own image, positives and junk join its junk. Self-pastes of its
+    own photo and of its positives' photos are positives too, with their pasted boxes."""
     image = query_copy.get(q.image, q.image)
     related = [q.image] + q.ok + q.junk
     junk = list(dict.fromkeys(q.junk + [untouched[i] for i in related if i in untouched]))
-    boxes = {i: pasted[i] for i in q.ok if i in pasted}
-    return Query(q.name, image, q.bbox, list(q.ok), junk, easy=q.easy, hard=q.hard, boxes=boxes)
+    self_of = self_of or {}
+    ok = list(q.ok) + [s for i in [q.image] + q.ok for s in self_of.get(i, [])]
+    boxes = {i: pasted[i] for i in ok if i in pasted}
+    return Query(q.name, image, q.bbox, ok, junk, easy=q.easy, hard=q.hard, boxes=boxes)
 
 
 def _copy_attribution(src_root: Path, out: Path) -> None:
@@ -353,11 +395,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scene-size", type=int, nargs=2, default=(800, 600), metavar=("W", "H"),
                         help="landscape scene size; a third of the scenes are portrait (default 800 600)")
     parser.add_argument("--overwrite", action="store_true", help="replace a previous output in OUT")
+    parser.add_argument("--self-pastes", type=int, default=0, metavar="N",
+                        help="also paste each query photo itself into N cluttered scenes, as positives of "
+                             "that query with exact boxes: the localisation benchmark (docs/views.md)")
 
 
 def main(args: argparse.Namespace) -> int:
     """Run ``rmac make-views`` from parsed arguments."""
     summary = make_views(args.src, args.out, seed=args.seed, scale_range=tuple(args.scale_range),
-                         overwrite=args.overwrite, scene_size=tuple(args.scene_size))
+                         overwrite=args.overwrite, scene_size=tuple(args.scene_size),
+                         self_pastes=args.self_pastes)
     print(json.dumps(summary, indent=1))
     return 0
