@@ -260,3 +260,38 @@ def test_query_is_described_at_the_database_scale(client, dev, dev_store, db, tm
     for params in (SearchParams(filter="rmac", rerank=False, qe=0), SearchParams(top_n=TOP_N, qe=QE)):
         a, b = (answer(db, client, qv, params) for qv in got)
         assert a.rows[:10].tolist() == b.rows[:10].tolist()
+
+
+def test_evaluate_reports_self_paste_localisation_apart(client, tmp_path):
+    """On views with self-pastes, `rmac evaluate` reports the IoU of AML and of the exhaustive optimum
+    separately for self-pastes (exact boxes of the query's own content) and for other positives, plus
+    the share of self-pastes localised at IoU >= 0.5."""
+    import shutil
+
+    from rmac.data import LANDMARKS_DEV
+    from rmac.workflows.evaluate import evaluate
+    from rmac.workflows.views import make_views, self_paste_source
+
+    src = tmp_path / "src"
+    (src / "jpg").mkdir(parents=True)
+    (src / "gt").mkdir()
+    for q in ("christ_1", "eiffel_2"):
+        for kind in ("query", "good", "ok", "junk"):
+            shutil.copyfile(LANDMARKS_DEV / "gt" / f"{q}_{kind}.txt", src / "gt" / f"{q}_{kind}.txt")
+    for i in ["christ_1", "christ_2", "eiffel_1", "eiffel_2", "eiffel_3"] + [f"distractor_{k:03d}" for k in range(1, 9)]:
+        shutil.copyfile(LANDMARKS_DEV / "jpg" / f"{i}.jpg", src / "jpg" / f"{i}.jpg")
+    make_views(src, tmp_path / "views", seed=3, self_pastes=2)
+    ev = evaluate(str(tmp_path / "views"), client, ModelChoice(), MAX_SIZE, store=str(tmp_path / "store"),
+                  top_n=40, progress=False)
+    loc = ev.result["localisation"]
+    n_self = sum(self_paste_source(i) == q.image.removesuffix("__query")
+                 for q in ev.dataset.queries for i in q.boxes)
+    assert n_self == 4 and loc["self"]["pairs"] == 4
+    assert loc["other"]["pairs"] == loc["pairs"] - 4 > 0
+    for g in ("self", "other"):
+        assert loc[g]["aml_pairs"] == loc[g]["pairs"]  # every positive was re-ranked (top 40 of the db)
+        assert 0 <= loc[g]["iou_aml"] <= 100 and 0 <= loc[g]["iou_exhaustive"] <= 100
+    overall = (loc["self"]["iou_aml"] * 4 + loc["other"]["iou_aml"] * loc["other"]["pairs"]) / loc["pairs"]
+    assert loc["iou_aml"] == pytest.approx(overall, abs=0.02)
+    assert loc["self"]["iou50_aml"] in (0.0, 25.0, 50.0, 75.0, 100.0)
+    assert loc["self"]["iou50_exhaustive"] in (0.0, 25.0, 50.0, 75.0, 100.0)
