@@ -21,6 +21,7 @@ import numpy as np
 from rmac.ops.evaluate import compute_map, compute_map_revisited, iou
 from rmac.storage.datasets import Dataset, load_dataset
 from rmac.storage.store import Store
+from rmac.workflows.args import existing_dir, new_or_existing_dir, nonnegative_int, positive_int, writable_file
 from rmac.workflows.extract import ModelChoice, add_model_arguments, extract
 from rmac.workflows.index import DEFAULT_L, build_index, load_whitening
 from rmac.workflows.search import (Database, QueryVectors, Ranking, SearchParams, answer, localise_exhaustive,
@@ -196,14 +197,14 @@ def print_table(res: dict) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dataset", help="Oxford-format folder (gt/ + jpg/), revisited .pkl, or dataset .json")
-    parser.add_argument("--store", help="where the dataset's features are cached (default stores/NAME-...)")
+    parser.add_argument("--store", type=new_or_existing_dir, help="where the dataset's features are cached (default stores/NAME-...)")
     add_model_arguments(parser)
-    parser.add_argument("--distractors", action="append", default=[], help="extracted distractor store")
-    parser.add_argument("--whiten-on", help="fit whitening on this store instead of the dataset's distractors")
-    parser.add_argument("--top-n", type=int, default=1000, help="images re-ranked per query")
+    parser.add_argument("--distractors", action="append", default=[], type=existing_dir, help="extracted distractor store")
+    parser.add_argument("--whiten-on", type=existing_dir, help="fit whitening on this store instead of the dataset's distractors")
+    parser.add_argument("--top-n", type=positive_int, default=1000, help="images re-ranked per query")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of methods")
-    parser.add_argument("--qe", type=int, default=5, help="top re-ranked images merged by QE (default 5)")
-    parser.add_argument("--json", dest="json_out", help="write the result as JSON to this file")
+    parser.add_argument("--qe", type=nonnegative_int, default=5, help="top re-ranked images merged by QE (default 5)")
+    parser.add_argument("--json", dest="json_out", type=writable_file, help="write the result as JSON to this file")
 
 
 def main(args: argparse.Namespace, client) -> int:

@@ -19,8 +19,9 @@ from dask.base import tokenize
 
 from rmac.ops.pooling import mac
 from rmac.ops.quantise import quantise
-from rmac.storage.images import BadImage, list_images, load_image
+from rmac.storage.images import MIN_SIDE, BadImage, list_images, load_image
 from rmac.storage.store import Store, StoreConfig
+from rmac.workflows.args import existing_file, existing_path, int_range, new_or_existing_dir, positive_int
 
 DEFAULT_BACKBONE = "efficientnet-lite0"
 DEFAULT_MAX_SIZE = 1024
@@ -165,21 +166,21 @@ def print_summary(summary: dict) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("images", help="a folder of images (recursive) or a text file of image paths")
-    parser.add_argument("--store", required=True, help="the store folder (created or resumed)")
+    parser.add_argument("images", type=existing_path, help="a folder of images (recursive) or a text file of image paths")
+    parser.add_argument("--store", required=True, type=new_or_existing_dir, help="the store folder (created or resumed)")
     add_model_arguments(parser)
-    parser.add_argument("--partition-size", type=int, default=DEFAULT_PARTITION,
+    parser.add_argument("--partition-size", type=positive_int, default=DEFAULT_PARTITION,
                         help="images per task / Zarr shard (default %(default)s)")
-    parser.add_argument("--levels", type=int, default=DEFAULT_LEVELS,
+    parser.add_argument("--levels", type=int_range(1, 255), default=DEFAULT_LEVELS,
                         help="quantisation levels of the stored maps (default %(default)s)")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone", default=DEFAULT_BACKBONE, help="default %(default)s")
-    parser.add_argument("--weights", help="a local weights file (vgg16, alexnet, resnet50, resnet101)")
+    parser.add_argument("--weights", type=existing_file, help="a local weights file (vgg16, alexnet, resnet50, resnet101)")
     parser.add_argument("--random-weights", action="store_true",
                         help="random weights: for speed benchmarks only, refused by evaluation")
-    parser.add_argument("--max-size", type=int, default=DEFAULT_MAX_SIZE,
+    parser.add_argument("--max-size", type=int_range(MIN_SIDE, 65536), default=DEFAULT_MAX_SIZE,
                         help="longer image side in pixels (default %(default)s)")
 
 
