@@ -29,12 +29,12 @@ _OSERROR_NAMES = frozenset({"OSError", "IOError", "PermissionError", "FileNotFou
 def user_error_types() -> tuple[type[BaseException], ...]:
     """Exceptions that mean bad input, not a bug (printed as one line)."""
     from rmac.storage.datasets import DatasetError
-    from rmac.storage.images import BadImage
+    from rmac.storage.images import BadImage, ImageListError
     from rmac.storage.store import StoreError
     from rmac.storage.weights import WeightsNotFound
     from rmac.workflows.search import QueryError
 
-    return (UsageError, StoreError, QueryError, WeightsNotFound, DatasetError, BadImage)
+    return (UsageError, StoreError, QueryError, WeightsNotFound, DatasetError, BadImage, ImageListError)
 
 
 def is_user_error(e: BaseException) -> bool:

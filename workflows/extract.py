@@ -96,13 +96,19 @@ def extract_partition(store: Store, p: int, choice: ModelChoice) -> dict:
 
 def store_config(choice: ModelChoice, max_size: int, partition_size: int, levels: int) -> StoreConfig:
     from rmac.ops.backbones import BACKBONES, max_map_side
+    from rmac.ops.integral import max_exact_cells
 
     if choice.backbone not in BACKBONES:
         raise SystemExit(f"unknown backbone {choice.backbone!r}; choose one of {', '.join(BACKBONES)}")
     spec = BACKBONES[choice.backbone]
+    side = max_map_side(spec, max_size)
+    if max_exact_cells(levels) < side * side:  # re-ranking's int64 integral images would overflow
+        from rmac.workflows.errors import UsageError
+        raise UsageError(f"--levels {levels} at --max-size {max_size} ({side}x{side} cells with {choice.backbone}) "
+                         f"is beyond what re-ranking sums exactly: use fewer levels or a smaller --max-size")
     weights = "random" if choice.random_weights else (Path(choice.weights).name if choice.weights else "pretrained")
     return StoreConfig(backbone=choice.backbone, channels=spec.channels, max_size=max_size,
-                       map_side=max_map_side(spec, max_size), levels=levels, partition_size=partition_size,
+                       map_side=side, levels=levels, partition_size=partition_size,
                        weights=weights)
 
 

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
 from functools import reduce
@@ -94,15 +95,19 @@ def partition_vectors(store: Store, p: int, whitening: wh.Whitening, L: int) -> 
     return len(keep)
 
 
-def build_shard_file(store: Store, kind: str, shard: int, start: int, stop: int, index_kind: str) -> dict:
-    """Build and save one FAISS shard over rows [start, stop) of ``kind`` vectors."""
+def build_shard_file(store: Store, kind: str, shard: int, start: int, stop: int, index_kind: str,
+                     folder: str | None = None) -> dict:
+    """Build and save one FAISS shard over rows [start, stop) of ``kind`` vectors into ``folder``
+    (default ``index/<kind>``)."""
+    from pathlib import Path
+
     from rmac.storage.index import build_shard, save_shard
 
     vectors = store.arrays[kind][start:stop]
     valid = store.valid_rows(range(start, stop))
     index = build_shard(vectors, start, kind=index_kind, valid=valid)
     name = f"shard_{shard:03d}.faiss"
-    folder = store.path / "index" / kind
+    folder = Path(folder) if folder else store.path / "index" / kind
     folder.mkdir(parents=True, exist_ok=True)
     save_shard(index, folder / name)
     return {"file": name, "start": start, "stop": stop, "kind": index_kind, "d": int(vectors.shape[1]),
@@ -128,7 +133,7 @@ def build_index(store: Store, client, whiten_on: Store | None = None, L: int = D
     which is how distractor stores share the whitening of the dataset they are added to."""
     from distributed import wait
 
-    from rmac.storage.index import write_manifest
+    from rmac.storage.index import commit_folder, staging_folder, write_manifest
 
     store.require_complete()
     source = whiten_on or store
@@ -160,12 +165,21 @@ def build_index(store: Store, client, whiten_on: Store | None = None, L: int = D
 
     t = time.perf_counter()
     ranges = shard_ranges(store, shard_rows)
+    # new shards go to staging folders, swapped in only once all are written: a failure (a full disk)
+    # leaves the previous shards and manifests as they were
+    staged = {k: staging_folder(store.path / "index" / k) for k in VECTOR_KINDS}
+    try:
+        for k in VECTOR_KINDS:
+            shards = [client.submit(build_shard_file, store, k, i, a, b, index_kind, str(staged[k]), pure=False,
+                                    retries=2) for i, (a, b) in enumerate(ranges)]
+            wait(shards)
+            write_manifest(staged[k], [f.result() for f in shards], {"vectors": k, "whitening": fitted_on})
+    except BaseException:
+        for folder in staged.values():
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
     for k in VECTOR_KINDS:
-        shards = [client.submit(build_shard_file, store, k, i, a, b, index_kind, pure=False, retries=2)
-                  for i, (a, b) in enumerate(ranges)]
-        wait(shards)
-        write_manifest(store.path / "index" / k, [f.result() for f in shards],
-                       {"vectors": k, "whitening": fitted_on})
+        commit_folder(staged[k], store.path / "index" / k)
     timings["faiss_s"] = time.perf_counter() - t
     info = {"store": str(store.path), "whitening": fitted_on, "L": L, "dim": int(D),
             "shards": len(ranges), "index_kind": index_kind,
