@@ -22,6 +22,7 @@ from rmac.ops.quantise import quantise
 from rmac.storage.images import MIN_SIDE, BadImage, list_images, load_image
 from rmac.storage.store import Store, StoreConfig
 from rmac.workflows.args import existing_file, existing_path, int_range, new_or_existing_dir, positive_int
+from rmac.workflows.text import printable
 
 DEFAULT_BACKBONE = "efficientnet-lite0"
 DEFAULT_MAX_SIZE = 1024
@@ -162,13 +163,13 @@ def summarise(store: Store, seconds: float = 0.0, newly: int = 0) -> dict:
 
 
 def print_summary(summary: dict) -> None:
-    print(f"extracted {summary['done']} of {summary['images']} images into {summary['store']} "
+    print(f"extracted {summary['done']} of {summary['images']} images into {printable(summary['store'])} "
           f"({summary['partitions_run']} partitions run in {summary['seconds']} s; "
           f"{summary['map_bytes_per_image']} map bytes per image)")
     if summary["failed"]:
         print(f"{summary['failed']} failed:")
         for f in summary["failures"]:
-            print(f"  {f['id']}: {f['reason']}")
+            print(f"  {printable(f['id'])}: {printable(f['reason'])}")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

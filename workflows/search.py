@@ -26,6 +26,7 @@ from rmac.storage.store import Store, StoreError
 from rmac.workflows.extract import ModelChoice, worker_model
 from rmac.workflows.index import load_whitening, require_indexed
 from rmac.workflows.args import finite_float, nonnegative_int, positive_int, writable_file
+from rmac.workflows.text import printable
 
 
 class QueryError(ValueError):
@@ -327,11 +328,11 @@ def main(args: argparse.Namespace, client) -> int:
     if args.json:
         print(json.dumps(result, indent=1))
     else:
-        print(f"query {args.query} box {result['query']['bbox']}; timings {result['timings']}")
+        print(f"query {printable(args.query)} box {result['query']['bbox']}; timings {result['timings']}")
         print(f"{'rank':>4} {'was':>4} {'score':>8}  {'box (x1 y1 x2 y2)':<26} id")
         for h in result["hits"][:args.show]:
             box = " ".join(f"{v:.0f}" for v in h["box"]) if h["box"] else "-"
-            print(f"{h['rank']:>4} {h['initial_rank']:>4} {h['score']:8.4f}  {box:<26} {h['id']}")
+            print(f"{h['rank']:>4} {h['initial_rank']:>4} {h['score']:8.4f}  {box:<26} {printable(h['id'])}")
     _pictures(result, args)
     return 0
 
