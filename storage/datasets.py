@@ -44,8 +44,9 @@ class DatasetError(ValueError):
     """A dataset folder or file is missing something or is inconsistent."""
 
 
-class UnsafePickle(pickle.UnpicklingError):
-    """A pickle asked for a global outside the allow-list of :func:`restricted_loads`."""
+class UnsafePickle(pickle.UnpicklingError, DatasetError):
+    """A pickle asked for a global outside the allow-list of :func:`restricted_loads` (a `DatasetError`
+    too: the command line reports it in one line)."""
 
 
 @dataclass
@@ -295,7 +296,7 @@ def load_revisited(root: str | os.PathLike, name: str) -> Dataset:
     try:
         cfg = restricted_loads(pkl.read_bytes())
     except UnsafePickle as e:
-        raise DatasetError(f"{pkl}: {e}") from None
+        raise UnsafePickle(f"{pkl}: {e}") from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
             KeyError, UnicodeDecodeError, MemoryError) as e:  # what a damaged pickle raises
         raise DatasetError(f"{pkl}: not a readable ground-truth pickle ({type(e).__name__}: {e})") from None
