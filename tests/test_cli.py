@@ -346,6 +346,8 @@ PARSE_ERRORS = {
     "extract --store with a newline": (["extract", "{dir}", "--store", "{odd}"], ["--store", "control characters"]),
     "extract --store not UTF-8": (["extract", "{dir}", "--store", "{bad}"], ["--store", "not UTF-8"]),
     "index a store named with a newline": (["index", "{odd}"], ["store", "control characters"]),
+    # a scheduler address that is not one
+    "--scheduler without a port": (["index", "{dir}", "--scheduler", "foo"], ["Dask scheduler", "foo", "port"]),
     # options that do not exist or are missing
     "search without a query": (["search", "{dir}"], ["required", "query"]),
     "unknown subcommand": (["frobnicate"], ["invalid choice", "frobnicate"]),
@@ -433,6 +435,10 @@ JOB_ERRORS = {
         lambda t: ["evaluate", _revisited_pkl(t / "rev", [-1]), "--store", t / "s"], ["index -1"]),
     "evaluate: JSON dataset not JSON": (
         lambda t: ["evaluate", _write(t / "d.json", b"{\"name\": "), "--store", t / "s"], ["d.json", "not valid JSON"]),
+    "evaluate: a dataset without queries": (
+        lambda t: ["evaluate", _write(t / "d.json", json.dumps({"name": "noq", "image_root": str(JPG),
+                                                                 "images": ["christ_1"], "queries": []}).encode()),
+                   "--store", t / "s"], ["noq", "0 queries", "nothing to evaluate"]),
     "evaluate: unknown method": (
         lambda t: ["evaluate", "dev", "--methods", "rmac,bogus", "--store", t / "s"], ["--methods", "bogus"]),
 }

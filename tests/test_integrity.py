@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pickle
 import shutil
 import subprocess
@@ -281,3 +282,40 @@ def test_image_list_not_utf8_names_the_line(tmp_path):
     with pytest.raises(ImageListError, match="no such folder or list file"):
         list_images(tmp_path / "nothere")
 
+
+
+# ------------------------------------------------------------------------------ unusual file names
+ODD_NAMES = ["new\nline.jpg", "tab\there.jpg", os.fsdecode(b"bad\xff\xfename.jpg"), "<b>tag&amp;.jpg", "é 中.jpg"]
+
+
+def test_printable_names():
+    from rmac.workflows.text import printable
+
+    assert [printable(n) for n in ODD_NAMES] == ["new\\nline.jpg", "tab\\there.jpg", "bad\\xff\\xfename.jpg",
+                                                "<b>tag&amp;.jpg", "é 中.jpg"]
+    assert all("\n" not in printable(n) and printable(n).encode("utf-8") for n in ODD_NAMES)
+
+
+def test_png_and_html_of_hits_with_unusual_names(tmp_path):
+    """Photos whose file names hold a newline, undecodable bytes or markup: the PNG is drawn, the HTML
+    page is valid UTF-8 with every name escaped, one per hit."""
+    from PIL import Image
+
+    from rmac.workflows.report import draw_hits_png, write_html_report
+
+    photos = []
+    for n in ODD_NAMES:
+        p = os.path.join(os.fsencode(tmp_path), os.fsencode(n))
+        shutil.copyfile(LANDMARKS_DEV / "jpg" / "christ_2.jpg", p)
+        photos.append(os.fsdecode(p))
+    hits = [{"id": n, "path": p, "score": 0.5 - i / 10, "box": [0.0, 0.0, 100.0, 80.0], "image_hw": [535, 800],
+             "rank": i, "initial_rank": i, "positive": None} for i, (n, p) in enumerate(zip(ODD_NAMES, photos))]
+    query = {"name": ODD_NAMES[0], "image": photos[0], "bbox": [0.0, 0.0, 800.0, 535.0], "image_hw": [535, 800]}
+    draw_hits_png(query, hits, tmp_path / "hits.png")
+    with Image.open(tmp_path / "hits.png") as im:
+        assert im.format == "PNG" and im.width >= 6 * 200
+    write_html_report(tmp_path / "hits.html", f"rmac search: {ODD_NAMES[0]}", {}, [{**query, "hits": hits}])
+    text = (tmp_path / "hits.html").read_bytes().decode("utf-8")
+    for shown in ("new\\nline.jpg", "bad\\xff\\xfename.jpg", "&lt;b&gt;tag&amp;amp;.jpg", "é 中.jpg"):
+        assert f'data-id="{shown}"' in text, shown
+    assert "<b>" not in text and text.count("data:image/jpeg;base64,") == len(ODD_NAMES) + 1

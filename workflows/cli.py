@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         with ExitStack() as stack:
             try:
                 client = stack.enter_context(get_client(args.scheduler, args.workers))
-            except OSError as e:  # distributed's connection failures carry no errno
+            except (OSError, ValueError) as e:  # a bad address; distributed's timeouts carry no errno
                 where = args.scheduler or "a local cluster"
                 raise UsageError(f"cannot start or reach the Dask scheduler ({where}): {describe(e)}") from None
             silence_user_errors(client)

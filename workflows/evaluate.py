@@ -99,6 +99,9 @@ def evaluate(dataset: str, client, choice: ModelChoice = ModelChoice(), max_size
     if choice.random_weights:
         raise SystemExit("rmac evaluate: random weights are for speed benchmarks only")
     ds = load_dataset(dataset)
+    if not ds.queries or not ds.images:
+        raise DatasetError(f"dataset {ds.name} has {len(ds.images)} images and {len(ds.queries)} queries: "
+                           "nothing to evaluate")
     unknown = ds.unknown_ids()
     if unknown and not allow_unknown:
         raise DatasetError(f"the ground truth names {len(unknown)} image(s) not in the dataset "
