@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator, Sequence
@@ -153,33 +152,6 @@ def load_shard(path: str | os.PathLike, mmap: bool = False) -> faiss.Index:
     except RuntimeError as e:  # faiss reports every read problem as RuntimeError with a C++ trace
         first = str(e).strip().splitlines()[-1] if str(e).strip() else "unreadable"
         raise StoreError(f"{path}: damaged or missing FAISS shard ({first}): run `rmac index` again") from None
-
-
-def staging_folder(folder: str | os.PathLike) -> Path:
-    """An empty sibling of ``folder`` to build a new version of it in (see `commit_folder`)."""
-    folder = Path(folder)
-    staging = folder.with_name(f".{folder.name}.new")
-    if staging.exists():
-        shutil.rmtree(staging)  # left by an interrupted build: never trusted
-    staging.mkdir(parents=True)
-    return staging
-
-
-def commit_folder(staging: str | os.PathLike, folder: str | os.PathLike) -> None:
-    """Replace ``folder`` by the finished ``staging`` folder (two renames, then the old one is removed).
-
-    Until this is called the previous ``folder`` is untouched, so a build that fails anywhere before
-    it leaves the previous index in place."""
-    staging, folder = Path(staging), Path(folder)
-    fsync_dir(staging)
-    old = folder.with_name(f".{folder.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
-    if folder.exists():
-        os.replace(folder, old)
-    os.replace(staging, folder)
-    fsync_dir(folder.parent)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def shard_entry(index: faiss.Index, file: str, start: int, stop: int, kind: str) -> dict:

@@ -1,5 +1,5 @@
 """Integrity under faults and bad input (issue 10), without a cluster: FAISS shards written through
-checked, fsync'ed writes under a real file-size limit, the index staging folders, make-views refusing an
+checked, fsync'ed writes under a real file-size limit, damaged shards refused, make-views refusing an
 output that overlaps its source, evaluation refusing ground truth that names unknown images and never
 writing NaN, and the dataset loaders turning every malformed file into one `DatasetError`."""
 from __future__ import annotations
@@ -20,8 +20,7 @@ import pytest
 from rmac.data import LANDMARKS_DEV
 from rmac.storage.datasets import Dataset, DatasetError, Query, load_dataset, load_json, load_oxford, save_json
 from rmac.storage.images import ImageListError, list_images
-from rmac.storage.index import ShardedIndex, build_shard, commit_folder, save_shard, shard_entry, staging_folder, \
-    write_manifest
+from rmac.storage.index import ShardedIndex, build_shard, save_shard, shard_entry, write_manifest
 from rmac.storage.store import StoreError
 from rmac.workflows.errors import _DropUserErrors, describe, is_user_error
 from rmac.workflows.evaluate import score, to_json
@@ -91,20 +90,6 @@ def test_truncated_shard_is_refused_with_one_line(tmp_path):
     (folder / "manifest.json").write_text('{"format": ')
     with pytest.raises(StoreError, match="unreadable index manifest"):
         ShardedIndex(folder)
-
-
-def test_staging_leaves_the_previous_folder_until_commit(tmp_path):
-    final = tmp_path / "index" / "rmac"
-    final.mkdir(parents=True)
-    (final / "shard_000.faiss").write_bytes(b"old")
-    staging = staging_folder(final)
-    (staging / "shard_000.faiss").write_bytes(b"new")
-    assert (final / "shard_000.faiss").read_bytes() == b"old"
-    assert staging_folder(final) == staging and not any(staging.iterdir())  # a stale staging is never reused
-    (staging / "shard_000.faiss").write_bytes(b"new")
-    commit_folder(staging, final)
-    assert (final / "shard_000.faiss").read_bytes() == b"new"
-    assert sorted(p.name for p in final.parent.iterdir()) == ["rmac"]
 
 
 # ------------------------------------------------------------------------------ user errors, workers

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import time
 from functools import reduce
@@ -22,7 +21,6 @@ from rmac.ops.pooling import l2n, regional_mac, rmac_aggregate_many
 from rmac.ops.quantise import dequantise
 from rmac.ops.regions import rmac_regions
 from rmac.storage.store import Store, StoreError
-from rmac.workflows.args import existing_dir, int_range, positive_int
 
 DEFAULT_L = 3
 DEFAULT_DIM = 512
@@ -95,19 +93,15 @@ def partition_vectors(store: Store, p: int, whitening: wh.Whitening, L: int) -> 
     return len(keep)
 
 
-def build_shard_file(store: Store, kind: str, shard: int, start: int, stop: int, index_kind: str,
-                     folder: str | None = None) -> dict:
-    """Build and save one FAISS shard over rows [start, stop) of ``kind`` vectors into ``folder``
-    (default ``index/<kind>``)."""
-    from pathlib import Path
-
+def build_shard_file(store: Store, kind: str, shard: int, start: int, stop: int, index_kind: str) -> dict:
+    """Build and save one FAISS shard over rows [start, stop) of ``kind`` vectors."""
     from rmac.storage.index import build_shard, save_shard
 
     vectors = store.arrays[kind][start:stop]
     valid = store.valid_rows(range(start, stop))
     index = build_shard(vectors, start, kind=index_kind, valid=valid)
     name = f"shard_{shard:03d}.faiss"
-    folder = Path(folder) if folder else store.path / "index" / kind
+    folder = store.path / "index" / kind
     folder.mkdir(parents=True, exist_ok=True)
     save_shard(index, folder / name)
     return {"file": name, "start": start, "stop": stop, "kind": index_kind, "d": int(vectors.shape[1]),
@@ -133,7 +127,7 @@ def build_index(store: Store, client, whiten_on: Store | None = None, L: int = D
     which is how distractor stores share the whitening of the dataset they are added to."""
     from distributed import wait
 
-    from rmac.storage.index import commit_folder, staging_folder, write_manifest
+    from rmac.storage.index import write_manifest
 
     store.require_complete()
     source = whiten_on or store
@@ -165,21 +159,12 @@ def build_index(store: Store, client, whiten_on: Store | None = None, L: int = D
 
     t = time.perf_counter()
     ranges = shard_ranges(store, shard_rows)
-    # new shards go to staging folders, swapped in only once all are written: a failure (a full disk)
-    # leaves the previous shards and manifests as they were
-    staged = {k: staging_folder(store.path / "index" / k) for k in VECTOR_KINDS}
-    try:
-        for k in VECTOR_KINDS:
-            shards = [client.submit(build_shard_file, store, k, i, a, b, index_kind, str(staged[k]), pure=False,
-                                    retries=2) for i, (a, b) in enumerate(ranges)]
-            wait(shards)
-            write_manifest(staged[k], [f.result() for f in shards], {"vectors": k, "whitening": fitted_on})
-    except BaseException:
-        for folder in staged.values():
-            shutil.rmtree(folder, ignore_errors=True)
-        raise
     for k in VECTOR_KINDS:
-        commit_folder(staged[k], store.path / "index" / k)
+        shards = [client.submit(build_shard_file, store, k, i, a, b, index_kind, pure=False, retries=2)
+                  for i, (a, b) in enumerate(ranges)]
+        wait(shards)
+        write_manifest(store.path / "index" / k, [f.result() for f in shards],
+                       {"vectors": k, "whitening": fitted_on})
     timings["faiss_s"] = time.perf_counter() - t
     info = {"store": str(store.path), "whitening": fitted_on, "L": L, "dim": int(D),
             "shards": len(ranges), "index_kind": index_kind,
@@ -213,10 +198,15 @@ def require_indexed(store: Store) -> dict:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from rmac.workflows.args import existing_dir, int_range, positive_int
+
     parser.add_argument("store", type=existing_dir, help="an extracted store")
-    parser.add_argument("--whiten-on", type=existing_dir, help="learn whitening on this other store (the paper: Oxford for Paris)")
-    parser.add_argument("--levels-l", dest="L", type=int_range(1, 10), default=DEFAULT_L, help="R-MAC scales L (default 3)")
-    parser.add_argument("--dim", type=positive_int, default=DEFAULT_DIM, help="whitened dimensions (default %(default)s)")
+    parser.add_argument("--whiten-on", type=existing_dir,
+                        help="learn whitening on this other store (the paper: Oxford for Paris)")
+    parser.add_argument("--levels-l", dest="L", type=int_range(1, 10), default=DEFAULT_L,
+                        help="R-MAC scales L (default 3)")
+    parser.add_argument("--dim", type=positive_int, default=DEFAULT_DIM,
+                        help="whitened dimensions (default %(default)s)")
     parser.add_argument("--shard-rows", type=positive_int, default=DEFAULT_SHARD_ROWS, help="rows per FAISS shard")
     parser.add_argument("--ivf", action="store_true", help="IVF shards instead of exact inner product")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
