@@ -203,7 +203,8 @@ class ShardedIndex:
             doc = json.loads((self.folder / MANIFEST).read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
             from rmac.storage.store import StoreError
-            raise StoreError(f"{self.folder / MANIFEST}: unreadable index manifest ({e}): run `rmac index` again") from None
+            raise StoreError(f"{self.folder / MANIFEST}: unreadable index manifest ({e}): "
+                             "run `rmac index` again") from None
         if doc.get("format") != FORMAT:
             raise ValueError(f"{self.folder / MANIFEST}: unknown format {doc.get('format')!r}")
         self.entries: list[dict] = doc["shards"]

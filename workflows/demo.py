@@ -64,8 +64,10 @@ def run_demo(client, store: str = DEFAULT_STORE, report: str = DEFAULT_REPORT, d
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--store", default=DEFAULT_STORE, type=new_or_existing_dir, help="feature store (reused; default %(default)s)")
-    parser.add_argument("--report", default=DEFAULT_REPORT, type=creatable_file, help="HTML report path (default %(default)s)")
+    parser.add_argument("--store", default=DEFAULT_STORE, type=new_or_existing_dir,
+                        help="feature store (reused; default %(default)s)")
+    parser.add_argument("--report", default=DEFAULT_REPORT, type=creatable_file,
+                        help="HTML report path (default %(default)s)")
     parser.add_argument("--top", type=positive_int, default=8, help="hits shown per query")
 
 

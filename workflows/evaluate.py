@@ -238,10 +238,13 @@ def print_table(res: dict) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dataset", help="Oxford-format folder (gt/ + jpg/), revisited .pkl, or dataset .json")
-    parser.add_argument("--store", type=new_or_existing_dir, help="where the dataset's features are cached (default stores/NAME-...)")
+    parser.add_argument("--store", type=new_or_existing_dir,
+                        help="where the dataset's features are cached (default stores/NAME-...)")
     add_model_arguments(parser)
-    parser.add_argument("--distractors", action="append", default=[], type=existing_dir, help="extracted distractor store")
-    parser.add_argument("--whiten-on", type=existing_dir, help="fit whitening on this store instead of the dataset's distractors")
+    parser.add_argument("--distractors", action="append", default=[], type=existing_dir,
+                        help="extracted distractor store")
+    parser.add_argument("--whiten-on", type=existing_dir,
+                        help="fit whitening on this store instead of the dataset's distractors")
     parser.add_argument("--top-n", type=positive_int, default=1000, help="images re-ranked per query")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of methods")
     parser.add_argument("--qe", type=nonnegative_int, default=5, help="top re-ranked images merged by QE (default 5)")

@@ -173,8 +173,10 @@ def print_summary(summary: dict) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("images", type=existing_path, help="a folder of images (recursive) or a text file of image paths")
-    parser.add_argument("--store", required=True, type=new_or_existing_dir, help="the store folder (created or resumed)")
+    parser.add_argument("images", type=existing_path,
+                        help="a folder of images (recursive) or a text file of image paths")
+    parser.add_argument("--store", required=True, type=new_or_existing_dir,
+                        help="the store folder (created or resumed)")
     add_model_arguments(parser)
     parser.add_argument("--partition-size", type=positive_int, default=DEFAULT_PARTITION,
                         help="images per task / Zarr shard (default %(default)s)")
@@ -184,7 +186,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone", default=DEFAULT_BACKBONE, help="default %(default)s")
-    parser.add_argument("--weights", type=existing_file, help="a local weights file (vgg16, alexnet, resnet50, resnet101)")
+    parser.add_argument("--weights", type=existing_file,
+                        help="a local weights file (vgg16, alexnet, resnet50, resnet101)")
     parser.add_argument("--random-weights", action="store_true",
                         help="random weights: for speed benchmarks only, refused by evaluation")
     parser.add_argument("--max-size", type=int_range(MIN_SIDE, 65536), default=DEFAULT_MAX_SIZE,

@@ -368,9 +368,11 @@ def _copy_attribution(src_root: Path, out: Path) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``rmac make-views``."""
     parser.add_argument("src", help="source dataset: Oxford folder (gt/ + jpg/), dataset.json, or 'landmarks-dev'")
-    parser.add_argument("out", type=new_or_existing_dir, help="output folder (created; must be empty unless --overwrite)")
+    parser.add_argument("out", type=new_or_existing_dir,
+                        help="output folder (created; must be empty unless --overwrite)")
     parser.add_argument("--seed", type=nonnegative_int, default=0)
-    parser.add_argument("--scale-range", type=float_range(0, 1, lo_open=True, hi_open=True), nargs=2, default=(0.05, 0.40), metavar=("MIN", "MAX"),
+    parser.add_argument("--scale-range", type=float_range(0, 1, lo_open=True, hi_open=True), nargs=2,
+                        default=(0.05, 0.40), metavar=("MIN", "MAX"),
                         help="area of the pasted object's box as a fraction of the scene (default 0.05 0.40)")
     parser.add_argument("--scene-size", type=int_range(64, 8192), nargs=2, default=(800, 600), metavar=("W", "H"),
                         help="landscape scene size; a third of the scenes are portrait (default 800 600)")

@@ -440,7 +440,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "63 runs dequantised on the float path, slow)")
     parser.add_argument("--top-n", type=positive_int, default=1000, help="images re-ranked per query")
     parser.add_argument("--queries", type=positive_int, help="only the first QUERIES queries")
-    parser.add_argument("--distractors", type=nonnegative_int, help="only the first DISTRACTORS images outside the ground truth")
+    parser.add_argument("--distractors", type=nonnegative_int,
+                        help="only the first DISTRACTORS images outside the ground truth")
     parser.add_argument("--redraws", type=positive_int, default=DEFAULT_REDRAWS,
                         help="other 31-level quantisations (each image's step scaled by U(0.95, 1.05)): "
                              "the noise floor of the mAP differences (default %(default)s)")
