@@ -5,6 +5,7 @@ folders, `rmac search` output (JSON, PNG, HTML) and every kind of user error, wh
 status 2 and one line saying what is wrong — never a traceback."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -34,6 +35,7 @@ EVAL_GROUPS = ("christ", "eiffel", "tajmahal")  # 8 photos, 8 queries
 EVAL_DISTRACTORS = [f"distractor_{i:03d}" for i in range(100, 112)]
 EXTRA_DISTRACTORS = [f"distractor_{i:03d}" for i in range(120, 128)]  # the --distractors store
 METRICS = ("map", "mp@1", "mp@5", "mp@10")
+UNKNOWN_ID = "christ_99"  # named by the ground truth, not in the dataset
 
 
 def check_clean(proc) -> None:
@@ -60,6 +62,7 @@ def eval_files(dev, client, tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     ids = sorted([i for i in dev.images if group(i) in EVAL_GROUPS] + EVAL_DISTRACTORS)
     queries = [q for q in dev.queries if group(q.image) in EVAL_GROUPS]
+    queries[0] = dataclasses.replace(queries[0], ok=[*queries[0].ok, UNKNOWN_ID])  # dropped by --allow-unknown
     ds = Dataset("dev-mini", LANDMARKS_DEV, ids, {i: dev.image_paths[i] for i in ids}, queries)
     save_json(ds, root / "dev-mini.json")
     back = load_json(root / "dev-mini.json")
@@ -76,16 +79,23 @@ def evaluated(rmac_cli, eval_files):
     store's whitening as the first run left it."""
     dataset, store, dist = eval_files
     out = dataset.parent
-    plain = rmac_cli("evaluate", dataset, "--store", store, "--max-size", MAX_SIZE, "--json", out / "plain.json")
+    plain = rmac_cli("evaluate", dataset, "--store", store, "--max-size", MAX_SIZE, "--json", out / "plain.json",
+                     "--allow-unknown")
     check_clean(plain)
     assert plain.returncode == 0, plain.stderr
     w_plain = load_whitening(Store(store))
     with_d = rmac_cli("evaluate", dataset, "--store", store, "--max-size", MAX_SIZE, "--distractors", dist,
-                      "--json", out / "with-distractors.json")
+                      "--json", out / "with-distractors.json", "--allow-unknown")
     check_clean(with_d)
     assert with_d.returncode == 0, with_d.stderr
-    return (json.loads((out / "plain.json").read_text()), plain, w_plain,
-            json.loads((out / "with-distractors.json").read_text()))
+    return (strict_json(out / "plain.json"), plain, w_plain, strict_json(out / "with-distractors.json"))
+
+
+def strict_json(path) -> dict:
+    """Parse as a strict JSON parser does: NaN, Infinity and -Infinity are not JSON."""
+    def refuse(constant: str):
+        raise AssertionError(f"{path} holds {constant}")
+    return json.loads(path.read_text(), parse_constant=refuse)
 
 
 def test_evaluate_writes_the_documented_json(evaluated, eval_files, dev):
@@ -94,6 +104,9 @@ def test_evaluate_writes_the_documented_json(evaluated, eval_files, dev):
             "timings"} <= set(res)
     assert res["dataset"] == "dev-mini" and res["backbone"] == "efficientnet-lite0" and res["max_size"] == MAX_SIZE
     assert res["n_images"] == 20 and res["n_queries"] == 8
+    # the ground truth's unknown image was dropped, said once on stderr and counted
+    assert res["unknown_gt"] == 1
+    assert f"warning: dropped 1 ground-truth image(s) not in the dataset: '{UNKNOWN_ID}'" in proc.stderr
     assert set(res["methods"]) == set(METHODS) == {"mac", "rmac", "mac+aml", "rmac+aml", "rmac+aml+qe"}
     for name, m in res["methods"].items():
         assert set(m) == set(METRICS), name
