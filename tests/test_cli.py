@@ -330,7 +330,7 @@ PARSE_ERRORS = {
     "bench aml --zeros 1.5": (["bench", "aml", "--zeros", "1.5"], ["--zeros"]),
     "bench aml --threads 0": (["bench", "aml", "--threads", "0"], ["--threads"]),
     "bench quantisation --levels 0,7": (["bench", "quantisation", "--levels", "0,7"], ["--levels", "'0'"]),
-    "bench quantisation --redraws 0": (["bench", "quantisation", "--redraws", "0"], ["--redraws"]),
+    "bench quantisation --redraws -1": (["bench", "quantisation", "--redraws", "-1"], ["--redraws", ">= 0"]),
     "bench quantisation --top-n -1": (["bench", "quantisation", "--top-n", "-1"], ["--top-n"]),
     # paths of the wrong kind
     "extract missing images": (["extract", "{missing}", "--store", "{dir}"], ["images", "no such file or folder"]),

@@ -442,7 +442,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--queries", type=positive_int, help="only the first QUERIES queries")
     parser.add_argument("--distractors", type=nonnegative_int,
                         help="only the first DISTRACTORS images outside the ground truth")
-    parser.add_argument("--redraws", type=positive_int, default=DEFAULT_REDRAWS,
+    parser.add_argument("--redraws", type=nonnegative_int, default=DEFAULT_REDRAWS,
                         help="other 31-level quantisations (each image's step scaled by U(0.95, 1.05)): "
                              "the noise floor of the mAP differences (default %(default)s)")
     parser.add_argument("--dequantised", action="store_true",
