@@ -5,8 +5,8 @@ Layout (one folder; see docs/architecture.md)::
     STORE/manifest.json      backbone, max_size, channels, levels, partition size, image count
     STORE/ids.json           ordered image ids and their source paths
     STORE/parts/p000012.json per-partition records, written last by the partition's task (its done marker)
-    STORE/arrays/            Zarr v3 group: mac, maps (sharded per partition), scale, map_hw, image_hw,
-                             and after indexing rmac, macw
+    STORE/arrays/            Zarr v3 group: mac, maps/ (one array of sparse codes per partition, see
+                             storage/maps.py), scale, map_hw, image_hw, and after indexing rmac, macw
     STORE/whitening/         Zarr group: mean, proj, eigvals (+ attrs)
 
 Partition ``p`` owns rows ``[p*P, (p+1)*P)`` of every array: each Zarr chunk or shard is written by
@@ -25,9 +25,11 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
 
-FORMAT_VERSION = 1
-# Zero-heavy uint8 maps with few levels: bit-shuffling groups the mostly-zero high bits, zstd does the rest.
-MAPS_CODEC = BloscCodec(cname="zstd", clevel=5, shuffle=BloscShuffle.bitshuffle)
+from rmac.ops.integral import SparseMaps
+from rmac.storage import maps as _maps
+
+# 2: the maps are stored sparse, one array of codes per partition (storage/maps.py); 1 held them dense.
+FORMAT_VERSION = 2
 VECTOR_CODEC = BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.shuffle)
 
 
@@ -71,7 +73,8 @@ class Store:
             raise StoreError(f"{self.path} is not an rmac store (no manifest.json): run `rmac extract` first")
         self.manifest: dict = json.loads(manifest.read_text())
         if self.manifest.get("format") != FORMAT_VERSION:
-            raise StoreError(f"{self.path}: store format {self.manifest.get('format')} is not {FORMAT_VERSION}")
+            raise StoreError(f"{self.path}: store format {self.manifest.get('format')} is not {FORMAT_VERSION} "
+                             "(this rmac stores maps sparse): re-extract it with `rmac extract` into a new --store")
         table = json.loads((self.path / "ids.json").read_text())
         self.ids: list[str] = table["ids"]
         self.paths: list[str] = table["paths"]
@@ -89,13 +92,12 @@ class Store:
         if (path / "manifest.json").exists():
             raise StoreError(f"{path} already holds a store")
         path.mkdir(parents=True, exist_ok=True)
-        n, P, K, S = len(ids), config.partition_size, config.channels, config.map_side
+        n, P, K = len(ids), config.partition_size, config.channels
         group = zarr.open_group(path / "arrays", mode="w")
         rows = max(n, 1)
         group.create_array("mac", shape=(rows, K), chunks=(P, K), dtype="float32", fill_value=0.0,
                            compressors=VECTOR_CODEC)
-        group.create_array("maps", shape=(rows, K, S, S), chunks=(1, K, S, S), shards=(P, K, S, S),
-                           dtype="uint8", fill_value=0, compressors=MAPS_CODEC)
+        _maps.create_maps_group(path / "arrays")
         group.create_array("scale", shape=(rows,), chunks=(P,), dtype="float32", fill_value=0.0)
         group.create_array("map_hw", shape=(rows, 2), chunks=(P, 2), dtype="int32", fill_value=0)
         group.create_array("image_hw", shape=(rows, 2), chunks=(P, 2), dtype="int32", fill_value=0)
@@ -157,16 +159,29 @@ class Store:
         done = self.done_partitions()
         return [p for p in range(self.n_partitions) if p not in done]
 
-    def write_partition(self, p: int, records: list[dict], mac: np.ndarray, maps: np.ndarray,
-                        scale: np.ndarray, map_hw: np.ndarray, image_hw: np.ndarray) -> None:
-        """Write partition ``p``'s rows, then its record file (the done marker) last."""
+    def write_partition(self, p: int, records: list[dict], mac: np.ndarray,
+                        maps: Sequence[np.ndarray | None] | np.ndarray, scale: np.ndarray, map_hw: np.ndarray,
+                        image_hw: np.ndarray) -> None:
+        """Write partition ``p``'s rows, then its record file (the done marker) last.
+
+        ``maps``: the quantised maps of the partition's images, a list of uint8 ``(K, h, w)`` arrays
+        (``None`` for a failed image), or a padded ``(n, K, S, S)`` array cropped here to ``map_hw``.
+        Only their non-zeros are stored (`storage/maps.py`)."""
         rows = self.partition_rows(p)
         if len(records) != len(rows):
             raise ValueError(f"partition {p}: {len(records)} records for {len(rows)} rows")
+        if len(maps) != len(rows):
+            raise ValueError(f"partition {p}: {len(maps)} maps for {len(rows)} rows")
+        map_hw = np.asarray(map_hw)
+        if isinstance(maps, np.ndarray):
+            maps = [m[:, :int(h), :int(w)] for m, (h, w) in zip(maps, map_hw)]
+        for m, hw in zip(maps, map_hw):
+            if (m.shape[1:] if m is not None else (0, 0)) != tuple(int(v) for v in hw):
+                raise ValueError(f"partition {p}: a map of shape {m.shape} recorded as {tuple(hw)}")
         sl = slice(rows.start, rows.stop)
         g = self.arrays
         g["mac"][sl] = mac
-        g["maps"][sl] = maps
+        _maps.write_partition_maps(self.path / "arrays", p, maps)
         g["scale"][sl] = scale
         g["map_hw"][sl] = map_hw
         g["image_hw"][sl] = image_hw
@@ -195,29 +210,26 @@ class Store:
 
     # -- reading ---------------------------------------------------------------------------------
     def read_maps(self, rows: Iterable[int]) -> list[tuple[np.ndarray, float]]:
-        """The quantised maps of ``rows``, each cropped to its valid (h, w), with its scale."""
-        g = self.arrays
-        maps, scale, hw = g["maps"], g["scale"], g["map_hw"]
-        out = []
-        for r in rows:
-            h, w = (int(v) for v in hw[r])
-            out.append((np.ascontiguousarray(maps[r, :, :h, :w]), float(scale[r])))
-        return out
+        """The quantised maps of ``rows`` as dense uint8 ``(K, h, w)`` (their valid cells), with their
+        scales. Each partition's codes are read and decoded once."""
+        rows = [int(r) for r in rows]
+        if not rows:
+            return []
+        lo, hi = min(rows), max(rows) + 1
+        scale = self.arrays["scale"][lo:hi]
+        decoded = {p: self.read_sparse(p) for p in sorted({self.partition_of(r) for r in rows})}
+        P = self.config.partition_size
+        return [(decoded[r // P].dense(r - (r // P) * P), float(scale[r - lo])) for r in rows]
 
-    def read_padded(self, rows: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Padded maps ``(n, K, S, S)`` of ``rows`` with their valid ``map_hw`` and ``image_hw`` (n, 2).
-
-        Reads the contiguous span of ``rows`` (callers group rows by partition, so the span is within
-        one shard): a slice decodes each inner chunk once, where Zarr's orthogonal selection on a
-        sharded array measured ~0.3 s per row."""
-        g = self.arrays
-        sel = np.asarray(rows, dtype=np.int64)
-        lo, hi = int(sel.min()), int(sel.max()) + 1
-        pick = sel - lo
-        return g["maps"][lo:hi][pick], g["map_hw"][lo:hi][pick], g["image_hw"][lo:hi][pick]
+    def read_sparse(self, p: int, cache: "_maps.PartitionCache | None" = None) -> SparseMaps:
+        """Every map of partition ``p`` as `SparseMaps` (map ``i`` is row ``p * P + i``; a failed row is
+        0 x 0), read in one go, decoded straight into the kernel's form; through ``cache`` if given."""
+        if cache is not None:
+            return cache.get(self.path / "arrays", p)
+        return _maps.read_partition(self.path / "arrays", p)
 
     def map_bytes(self) -> int:
-        """Bytes on disk of the stored activation maps (compressed shards and their indexes)."""
+        """Bytes on disk of the stored activation maps (compressed codes and their Zarr metadata)."""
         root = self.path / "arrays" / "maps"
         return sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
 
