@@ -65,6 +65,7 @@ __all__ = [
     "sparse_maps",
     "integral_lut_sparse",
     "integral_lut_sparse_into",
+    "take_maps",
 ]
 
 ALPHA = 10
@@ -541,3 +542,38 @@ def integral_lut_sparse(sp: SparseMaps, i: int, levels: int = 31, alpha: int = A
                              sp.nz_chan[sp.nz_start[i]:sp.nz_start[i + 1]], lv, power_table(levels, alpha),
                              sums, np.empty(max(C, 1), np.int64))
     return LutIntegral(sums, root_table(alpha)), chans.astype(np.int64)
+
+
+def _segments(start: np.ndarray, stop: np.ndarray) -> np.ndarray:
+    """Indices of the concatenated ranges `[start[i], stop[i])`."""
+    n = stop - start
+    total = int(n.sum())
+    if total == 0:
+        return np.zeros(0, np.int64)
+    first = np.cumsum(n) - n
+    return np.repeat(start - first, n) + np.arange(total, dtype=np.int64)
+
+
+def take_maps(parts: list[tuple[SparseMaps, np.ndarray]]) -> SparseMaps:
+    """One `SparseMaps` of the maps `idx` of each `(maps, idx)` in `parts`, in that order (a copy of
+    only those maps: e.g. a query's rows from several decoded partitions)."""
+    if not parts:
+        raise ValueError("no maps to take")
+    K = parts[0][0].channels
+    cols: dict[str, list] = {f: [] for f in SparseMaps._fields[1:]}
+    for sp, idx in parts:
+        if sp.channels != K:
+            raise ValueError(f"maps with {sp.channels} and {K} channels")
+        idx = np.asarray(idx, dtype=np.int64).reshape(-1)
+        cols["map_hw"].append(sp.map_hw[idx])
+        for start, data in (("chan_start", "chans"), ("cell_start", "cell_nnz"), ("nz_start", "nz_chan")):
+            off = getattr(sp, start)
+            seg = _segments(off[idx], off[idx + 1])
+            cols[start].append(off[idx + 1] - off[idx])
+            cols[data].append(getattr(sp, data)[seg])
+            if data == "nz_chan":
+                cols["nz_level"].append(sp.nz_level[seg])
+    out = {f: np.concatenate(v) for f, v in cols.items()}
+    for start in ("chan_start", "cell_start", "nz_start"):
+        out[start] = np.concatenate([[0], np.cumsum(out[start])]).astype(np.int64)
+    return SparseMaps(K, **out)

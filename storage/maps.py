@@ -10,7 +10,9 @@ cells; ``h x w`` the valid cells only). Positions are delta-coded: the gap to th
 flat index, minus one, as an LEB128 varint (7 bits a byte, so most gaps take one byte; a silent channel
 is just a longer gap). Levels are one byte each (``1..levels``). The array's attributes say where each
 image's part is: ``map_hw`` ``[[h, w], ...]``, ``nnz`` (non-zeros per image), ``gap_bytes`` (bytes of
-its positions), ``channels`` K. A failed image has ``h = w = nnz = 0``.
+its positions), ``channels`` K; and ``image_hw`` (a copy of the rows of the ``image_hw`` array, written in
+the same call) so that one read gives a re-ranking task all it needs, pixel boxes included. A failed
+image has ``h = w = nnz = 0``.
 
 Measured on the 186 dev photos (EfficientNet-Lite0, 1024 px, 31 levels; `docs/benchmarks.md`, issue 9):
 13.3 kB per image (the dense padded shards took 22.7 kB); cell-major order, or channel/cell indices
@@ -20,9 +22,10 @@ Decoding (`decode_partition`, numba) goes straight to `rmac.ops.integral.SparseM
 re-ranking kernel reads (non-zeros sorted by cell, compact channel ids): two passes over the varints,
 the second placing each non-zero at its cell's cursor. No dense or padded intermediate.
 
-Writers call `write_partition_maps(arrays_path, p, maps)` with the quantised maps of the partition's
-images (a list of uint8 ``(K, h, w)``, ``None`` or a ``(K, 0, 0)`` array for a failed image); readers
-`read_partition(arrays_path, p)`. `PartitionCache` keeps decoded partitions per worker process.
+Writers call `write_partition_maps(arrays_path, p, maps, image_hw)` with the quantised maps of the
+partition's images (a list of uint8 ``(K, h, w)``, ``None`` or a ``(K, 0, 0)`` array for a failed image)
+and their image sizes; `rmac.storage.store.Store.write_partition` does. Readers: `read_partition(arrays_path,
+p)` -> `PartitionMaps`; `PartitionCache` keeps decoded partitions per worker process.
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ import os
 import threading
 from collections import OrderedDict
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import zarr
@@ -43,6 +46,17 @@ from rmac.ops.integral import SparseMaps
 # partition); decoding speed does not depend on the level.
 CODES_CODEC = ZstdCodec(level=9)
 ENCODING = "channel-major LEB128 gaps, then uint8 levels"
+
+
+class PartitionMaps(NamedTuple):
+    """A decoded partition: its maps and the images' sizes ``(n, 2)`` ``(H, W)`` in pixels."""
+
+    maps: SparseMaps
+    image_hw: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        return self.maps.nbytes + self.image_hw.nbytes
 
 
 class CorruptMaps(ValueError):
@@ -73,11 +87,14 @@ def _varint(g: np.ndarray) -> np.ndarray:
     return out
 
 
-def encode_maps(maps: Sequence[np.ndarray | None]) -> tuple[np.ndarray, dict]:
-    """The partition buffer (uint8) and its attributes for quantised maps ``(K, h, w)`` (None: failed)."""
-    K = next((int(m.shape[0]) for m in maps if m is not None), 0)
+def encode_maps(maps: Sequence[np.ndarray | None], channels: int | None = None) -> tuple[np.ndarray, dict]:
+    """The partition buffer (uint8) and its attributes for quantised maps ``(K, h, w)`` (None: failed);
+    ``channels`` K (default: the maps')."""
+    K = int(channels) if channels is not None else next((int(m.shape[0]) for m in maps if m is not None), 0)
     gaps, levels, hw, nnz, nbytes = [], [], [], [], []
     for m in maps:
+        if m is not None and (np.ndim(m) != 3 or m.shape[0] != K):
+            raise ValueError(f"expected uint8 maps (K={K}, h, w), got {m.dtype} {m.shape}")
         if m is None or m.size == 0:
             hw.append([0, 0])
             nnz.append(0)
@@ -210,10 +227,16 @@ def decode_partition(codes: np.ndarray, attrs: dict) -> SparseMaps:
 # Zarr
 
 
-def write_partition_maps(arrays_path: str | os.PathLike, p: int, maps: Sequence[np.ndarray | None]) -> int:
+def write_partition_maps(arrays_path: str | os.PathLike, p: int, maps: Sequence[np.ndarray | None],
+                         image_hw: np.ndarray | None = None, channels: int | None = None) -> int:
     """Write partition ``p``'s quantised maps (one uint8 ``(K, h, w)`` per image, None for a failed one)
-    as ``arrays/maps/p000123``; returns the bytes before compression."""
-    buf, attrs = encode_maps(maps)
+    and its images' pixel sizes ``(n, 2)`` as ``arrays/maps/p000123``; returns the bytes before
+    compression. ``channels``: K (needed when every image failed)."""
+    buf, attrs = encode_maps(maps, channels)
+    ihw = np.zeros((len(maps), 2), np.int64) if image_hw is None else np.asarray(image_hw, np.int64).reshape(-1, 2)
+    if len(ihw) != len(maps):
+        raise ValueError(f"{len(ihw)} image sizes for {len(maps)} maps")
+    attrs["image_hw"] = ihw.tolist()
     group = zarr.open_group(Path(arrays_path) / "maps", mode="a")
     n = max(1, buf.size)  # a Zarr chunk has at least one element; `length` says how many are real
     arr = group.create_array(partition_name(p), shape=(n,), chunks=(n,), dtype="uint8", fill_value=0,
@@ -227,15 +250,15 @@ def partition_path(arrays_path: str | os.PathLike, p: int) -> Path:
     return Path(arrays_path) / "maps" / partition_name(p)
 
 
-def read_partition(arrays_path: str | os.PathLike, p: int) -> SparseMaps:
-    """Read and decode every map of partition ``p``."""
+def read_partition(arrays_path: str | os.PathLike, p: int) -> PartitionMaps:
+    """Read and decode every map of partition ``p``: one Zarr read."""
     path = partition_path(arrays_path, p)
     if not (path / "zarr.json").is_file():
         raise FileNotFoundError(f"{path}: no stored maps for partition {p}")
     arr = zarr.open_array(path, mode="r")
     attrs = arr.attrs.asdict()
     codes = arr[:] if attrs["length"] else np.zeros(0, np.uint8)
-    return decode_partition(codes, attrs)
+    return PartitionMaps(decode_partition(codes, attrs), np.asarray(attrs["image_hw"], np.int64).reshape(-1, 2))
 
 
 def create_maps_group(arrays_path: str | os.PathLike) -> None:
@@ -252,7 +275,7 @@ class PartitionCache:
 
     def __init__(self, max_bytes: int):
         self.max_bytes = int(max_bytes)
-        self._items: OrderedDict[tuple, SparseMaps] = OrderedDict()
+        self._items: OrderedDict[tuple, PartitionMaps] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
         self.hits = 0
@@ -265,7 +288,7 @@ class PartitionCache:
     def nbytes(self) -> int:
         return self._bytes
 
-    def get(self, arrays_path: str | os.PathLike, p: int) -> SparseMaps:
+    def get(self, arrays_path: str | os.PathLike, p: int) -> PartitionMaps:
         path = partition_path(arrays_path, p)
         try:
             st = os.stat(path / "zarr.json")

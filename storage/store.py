@@ -25,7 +25,6 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
 
-from rmac.ops.integral import SparseMaps
 from rmac.storage import maps as _maps
 
 # 2: the maps are stored sparse, one array of codes per partition (storage/maps.py); 1 held them dense.
@@ -181,7 +180,7 @@ class Store:
         sl = slice(rows.start, rows.stop)
         g = self.arrays
         g["mac"][sl] = mac
-        _maps.write_partition_maps(self.path / "arrays", p, maps)
+        _maps.write_partition_maps(self.path / "arrays", p, maps, image_hw, self.config.channels)
         g["scale"][sl] = scale
         g["map_hw"][sl] = map_hw
         g["image_hw"][sl] = image_hw
@@ -217,13 +216,14 @@ class Store:
             return []
         lo, hi = min(rows), max(rows) + 1
         scale = self.arrays["scale"][lo:hi]
-        decoded = {p: self.read_sparse(p) for p in sorted({self.partition_of(r) for r in rows})}
+        decoded = {p: self.read_sparse(p).maps for p in sorted({self.partition_of(r) for r in rows})}
         P = self.config.partition_size
         return [(decoded[r // P].dense(r - (r // P) * P), float(scale[r - lo])) for r in rows]
 
-    def read_sparse(self, p: int, cache: "_maps.PartitionCache | None" = None) -> SparseMaps:
+    def read_sparse(self, p: int, cache: "_maps.PartitionCache | None" = None) -> _maps.PartitionMaps:
         """Every map of partition ``p`` as `SparseMaps` (map ``i`` is row ``p * P + i``; a failed row is
-        0 x 0), read in one go, decoded straight into the kernel's form; through ``cache`` if given."""
+        0 x 0) with the images' pixel sizes, read in one go and decoded straight into the kernel's form;
+        through ``cache`` if given."""
         if cache is not None:
             return cache.get(self.path / "arrays", p)
         return _maps.read_partition(self.path / "arrays", p)
