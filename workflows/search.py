@@ -214,7 +214,6 @@ def rerank_rows(store: Store, jobs: list[tuple[QueryVectors, list[int]]], whiten
 def warm_kernels() -> float:
     """Load (or compile) every numba kernel of the re-ranking path by running it on a tiny map; returns
     the seconds it took. Goes through the same calls, with the same argument types, as `rerank_rows`."""
-    from rmac.ops.whitening import Whitening
     from rmac.storage.maps import decode_partition, encode_maps
 
     t = time.perf_counter()
@@ -224,9 +223,8 @@ def warm_kernels() -> float:
     buf, attrs = encode_maps([q, q])
     sp = take_maps([(decode_partition(buf, attrs), np.array([1, 0]))])
     sp.dense(0)
-    w = Whitening(np.zeros(K, np.float32), np.eye(K, dtype=np.float32), np.ones(K))
     q_mac = np.ones(K, np.float32)
-    rerank_maps(sp, q_mac, 1.0, q_rmac=np.ones(K, np.float32), whitening=w)
+    rerank_maps(sp, q_mac, 1.0, q_rmac=np.ones(K, np.float32))  # the kernels do not see the whitening
     rerank_maps(sp, q_mac, 1.0)
     exhaustive_search(integral_lut(q), q_mac)
     return time.perf_counter() - t
