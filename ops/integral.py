@@ -425,36 +425,40 @@ def _densify(chans, cell_nnz, nz_chan, nz_level, out):
 
 @njit(cache=True)
 def _pack_dense(maps, hw, chan_start, cell_start, nz_start, chans, cell_nnz, nz_chan, nz_level):
-    """Fill the SparseMaps arrays from padded uint8 maps `(n, K, Hm, Wm)` (offsets already computed)."""
+    """Fill the SparseMaps arrays from padded uint8 maps `(n, K, Hm, Wm)` (offsets already computed):
+    two channel-major passes (sequential reads), counting per cell, then placing at each cell's cursor."""
     K = maps.shape[1]
-    jmap = np.empty(K, dtype=np.int64)
+    cursor = np.empty(maps.shape[2] * maps.shape[3], dtype=np.int64)
     for i in range(maps.shape[0]):
         h, w = hw[i, 0], hw[i, 1]
+        cs = cell_start[i]
+        for c in range(h * w):
+            cell_nnz[cs + c] = 0
         C = 0
         for k in range(K):
-            jmap[k] = -1
+            found = False
             for y in range(h):
                 for x in range(w):
                     if maps[i, k, y, x] != 0:
-                        jmap[k] = C
-                        break
-                if jmap[k] >= 0:
-                    break
-            if jmap[k] >= 0:
+                        cell_nnz[cs + y * w + x] += 1
+                        found = True
+            if found:
                 chans[chan_start[i] + C] = k
                 C += 1
-        n = nz_start[i]
-        for y in range(h):
-            for x in range(w):
-                cnt = 0
-                for j in range(C):
-                    v = maps[i, chans[chan_start[i] + j], y, x]
+        at = nz_start[i]
+        for c in range(h * w):
+            cursor[c] = at
+            at += cell_nnz[cs + c]
+        for j in range(C):
+            k = chans[chan_start[i] + j]
+            for y in range(h):
+                for x in range(w):
+                    v = maps[i, k, y, x]
                     if v != 0:
-                        nz_chan[n] = j
-                        nz_level[n] = v
-                        n += 1
-                        cnt += 1
-                cell_nnz[cell_start[i] + y * w + x] = cnt
+                        q = cursor[y * w + x]
+                        cursor[y * w + x] += 1
+                        nz_chan[q] = j
+                        nz_level[q] = v
 
 
 def sparse_maps(maps, map_hw: np.ndarray | None = None) -> SparseMaps:
