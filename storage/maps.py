@@ -313,6 +313,8 @@ class PartitionCache:
         return sp
 
     def clear(self) -> None:
+        """Drop every decoded partition and reset the hit and miss counts."""
         with self._lock:
             self._items.clear()
             self._bytes = 0
+            self.hits = self.misses = 0

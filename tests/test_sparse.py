@@ -179,3 +179,47 @@ def test_store_writes_sparse_reads_dense_and_refuses_format_1(tmp_path):
     (tmp_path / "s" / "manifest.json").write_text(json.dumps({**manifest, "format": 1}))
     with pytest.raises(StoreError, match="re-extract"):
         Store(tmp_path / "s")
+
+
+def test_rerank_rows_reads_partitions_once_and_matches_the_kernel_on_dense_maps(tmp_path):
+    """`rerank_rows` (a search task): rows from several partitions, in any order, through the worker
+    cache or not, give the kernel's results on the dense maps, row for row; a second call hits the cache."""
+    from rmac.ops.aml import box_to_pixels
+    from rmac.ops.pooling import l2n
+    from rmac.workflows import search as S
+
+    rng = np.random.default_rng(3)
+    K, P = 12, 4
+    ids = [f"im{i}" for i in range(10)]
+    store = Store.create(tmp_path / "s", ids, ids, _config(K, P))
+    maps = [_q_map(rng, K, *rng.integers(2, 7, 2), 0.7) for _ in ids]
+    hw = np.array([m.shape[1:] for m in maps])
+    ihw = hw * 32 + 5
+    for p in range(store.n_partitions):
+        r = store.partition_rows(p)
+        recs = [{"id": ids[i], "path": ids[i], "status": "done", "reason": None} for i in r]
+        store.write_partition(p, recs, np.zeros((len(r), K)), maps[r.start:r.stop], np.ones(len(r)),
+                              hw[r.start:r.stop], ihw[r.start:r.stop])
+    X = rng.gamma(1.0, 1.0, (300, K))
+    w = wh.fit(wh.stats(X / np.linalg.norm(X, axis=1, keepdims=True)), dim=8)
+    q = l2n(rng.gamma(1.0, 1.0, K).astype(np.float32))
+    qv = S.QueryVectors(mac=q, macw=l2n(wh.apply(w, q)), rmac=l2n(rng.standard_normal(8).astype(np.float32)),
+                        aspect=1.2, image_hw=(100, 120), bbox=(0.0, 0.0, 120.0, 100.0))
+    rows = [9, 0, 5, 1, 8, 4]
+    for filt in ("rmac", "mac"):
+        params = S.SearchParams(filter=filt)
+        ref = R.rerank([maps[r] for r in rows], qv.mac, qv.aspect, q_rmac=qv.rmac if filt == "rmac" else None,
+                       whitening=w if filt == "rmac" else None)
+        S.worker_map_cache().clear()
+        for cache in (True, True, False):
+            (got,) = S.rerank_rows(store, [(qv, rows)], w, params, cache=cache)
+            assert got["rows"] == rows
+            for i, r in enumerate(rows):
+                assert got["boxes"][i] == box_to_pixels(ref.boxes[i], hw[r], ihw[r])
+            if filt == "rmac":  # one whitening matmul over the rows in partition order: float32 rounding
+                np.testing.assert_allclose(got["scores"], ref.scores, rtol=0, atol=1e-6)
+                np.testing.assert_allclose(got["vectors"], ref.vectors, rtol=0, atol=1e-6)
+            else:
+                np.testing.assert_allclose(got["vectors"], l2n(wh.apply(w, ref.vectors)), rtol=0, atol=1e-6)
+        c = S.worker_map_cache()
+        assert c.misses == 3 and c.hits == 3  # three partitions, read once, then served from the cache
