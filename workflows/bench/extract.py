@@ -25,6 +25,8 @@ from pathlib import Path
 
 from rmac.data import LANDMARKS_DEV
 from rmac.workflows.bench.machine import machine
+from rmac.storage.images import MIN_SIDE
+from rmac.workflows.args import int_range, nonnegative_int, positive_int
 
 
 def plain_loop(items: list[tuple[str, str]], backbone: str, max_size: int, random_weights: bool) -> float:
@@ -142,12 +144,12 @@ def _steady(items, tmp: Path, backbone: str, max_size: int, workers: int | None,
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--images", type=int, default=0, help="the first N embedded photos (default: all)")
+    p.add_argument("--images", type=nonnegative_int, default=0, help="the first N embedded photos (default: all)")
     p.add_argument("--backbone", default="efficientnet-lite0")
-    p.add_argument("--max-size", type=int, default=1024)
-    p.add_argument("--workers", type=int)
+    p.add_argument("--max-size", type=int_range(MIN_SIDE, 65536), default=1024)
+    p.add_argument("--workers", type=positive_int)
     p.add_argument("--random-weights", action="store_true")
-    p.add_argument("--repeat", type=int, default=1, help="alternating runs of each; medians (default 1)")
+    p.add_argument("--repeat", type=positive_int, default=1, help="alternating runs of each; medians (default 1)")
     p.add_argument("--steady", action="store_true", help="also the warm Dask extraction on a started cluster")
 
 
