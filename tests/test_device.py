@@ -100,3 +100,13 @@ def test_the_gpu_path_equals_the_one_image_path(photos):
         np.testing.assert_allclose(x2, x1, rtol=1e-4, atol=1e-4 * float(x1.max()))
         np.testing.assert_allclose(x1, activations(model, spec, load_image(p), max_size=max_size), rtol=0, atol=0)
     assert n_bad == 2
+
+
+@pytest.mark.slow
+def test_extract_device_cuda_without_a_gpu_is_one_line(rmac_cli, tmp_path):
+    from test_cli import user_error
+
+    err = user_error(rmac_cli("extract", LANDMARKS_DEV / "jpg", "--store", tmp_path / "s", "--device", "cuda"),
+                     "extract")
+    assert "--device cuda: no CUDA device is visible" in err
+    assert not (tmp_path / "s").exists()  # refused before the store is created
