@@ -325,6 +325,43 @@ class Store:
         sums = checksums.digest_rows(g, rows.start, rows.stop, names)
         _write_json_atomic(self._part_file(p), {"records": records, "checksums": sums})
 
+    def partition_problems(self, p: int, read_data: bool = True) -> list[str]:
+        """What is wrong with finished partition ``p``: its record vs its id table, chunk files missing,
+        and (``read_data``) each array's rows vs the checksum recorded at extraction."""
+        out = []
+        try:
+            doc = self.partition_doc(p)
+            ids, _ = self.partition_ids(p)
+        except StoreError as e:
+            return [str(e)]
+        rows = self.partition_rows(p)
+        if [r.get("id") for r in doc["records"]] != ids or len(ids) != len(rows):
+            out.append(f"partition {p}: record holds {len(doc['records'])} images, the id table {len(ids)}, "
+                       f"the manifest {len(rows)}")
+        out += [f"partition {p}: chunk missing: arrays/{m}" for m in self.missing_chunks(rows.start, rows.stop)]
+        if read_data and not out:
+            g = self.arrays
+            sums = doc.get("checksums", {})
+            for name in checksums.row_arrays(g, self.n_images, exclude=INDEX_ARRAYS):
+                if name not in sums:
+                    out.append(f"partition {p}: no checksum recorded for arrays/{name}")
+                    continue
+                try:
+                    got = checksums.digest(g[name][rows.start:rows.stop])
+                except Exception as e:  # a truncated / corrupt chunk file: any codec error
+                    out.append(f"partition {p}: arrays/{name} unreadable ({type(e).__name__}: {e})")
+                    continue
+                if got != sums[name]:
+                    out.append(f"partition {p}: arrays/{name} does not match its checksum")
+        return out
+
+    def verify_partition(self, p: int) -> None:
+        """Refuse a damaged partition (StoreError naming what is wrong)."""
+        problems = self.partition_problems(p)
+        if problems:
+            raise StoreError(f"{self.path}: {problems[0]}{f' (+{len(problems) - 1} more)' if len(problems) > 1 else ''}"
+                             f": the store is damaged; run `rmac verify {self.path}`")
+
     def partition_doc(self, p: int) -> dict:
         """The record file of partition ``p``: ``{"records": [...], "checksums": {array: sha}}``."""
         try:

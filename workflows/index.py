@@ -84,6 +84,7 @@ def partition_vectors(store: Store, p: int, whitening: wh.Whitening, L: int, wid
     rows = list(part)
     D = whitening.proj.shape[0]
     out = {k: np.zeros((len(rows), D), np.float32) for k in VECTOR_KINDS}
+    store.verify_partition(p)  # damaged data is refused here, not indexed as zeros
     keep = [i for i, ok in enumerate(store.valid_rows(part)) if ok]
     if keep:
         maps = store.read_maps([rows[i] for i in keep])
@@ -131,7 +132,8 @@ def build_shard_file(store: Store, kind: str, shard: int, start: int, stop: int,
     folder.mkdir(parents=True, exist_ok=True)
     save_shard(index, folder / name)
     return {"file": name, "start": start, "stop": stop, "kind": index_kind, "d": int(vectors.shape[1]),
-            "ntotal": int(index.ntotal), "sha256": checksums.digest_file(folder / name)}
+            "ntotal": int(index.ntotal), "sha256": checksums.digest_file(folder / name),
+            "bytes": (folder / name).stat().st_size}
 
 
 def shard_ranges(store: Store, shard_rows: int, parts: list[int] | None = None) -> list[tuple[int, int]]:
@@ -186,7 +188,7 @@ def _build_index(store, client, whiten_on, L, dim, shard_rows, index_kind, white
     timings = {}
     t = time.perf_counter()
     before = store.manifest.get("index")
-    incremental = (before is not None and not refit and whitening is None and whiten_on is None
+    incremental = (before is not None and "commit" in before and not refit and whitening is None and whiten_on is None
                    and whiten_subset is None and before.get("L") == L and before.get("index_kind") == index_kind
                    and (dim is None or before.get("dim") == min(dim, store.config.channels)))
     if incremental:
@@ -228,16 +230,20 @@ def _build_index(store, client, whiten_on, L, dim, shard_rows, index_kind, white
     kept = {k: [] for k in VECTOR_KINDS}
     if incremental:
         for k in VECTOR_KINDS:
-            for e in before["shards"][k]:
+            for e in before["shard_lists"][k]:
                 parts = range(store.partition_of(e["start"]), store.partition_of(max(e["stop"] - 1, e["start"])) + 1)
-                if e["stop"] > e["start"] and not redone.intersection(parts):
+                f = store.path / "index" / k / e["file"]
+                intact = f.is_file() and f.stat().st_size == e.get("bytes", -1)  # else: built again
+                if intact and e["stop"] > e["start"] and not redone.intersection(parts):
                     kept[k].append(e)
-    covered = {store.partition_of(r) for e in kept["rmac"] for r in range(e["start"], e["stop"])}
+    both = set.intersection(*({(e["start"], e["stop"]) for e in kept[k]} for k in VECTOR_KINDS))
+    kept = {k: [e for e in kept[k] if (e["start"], e["stop"]) in both] for k in VECTOR_KINDS}
+    covered = {store.partition_of(r) for a, b in both for r in range(a, b)}
     todo = [p for p in range(store.n_partitions) if p not in covered]
     ranges = shard_ranges(store, shard_rows, todo)
     shards = {}
     for k in VECTOR_KINDS:
-        used = [e["file"] for e in (before or {}).get("shards", {}).get(k, [])]  # never overwrite those
+        used = [e["file"] for e in (before or {}).get("shard_lists", {}).get(k, [])]  # never overwrite those
         first = 1 + max([_shard_number(f) for f in used], default=-1)
         futs = [client.submit(build_shard_file, store, k, first + i, a, b, index_kind, pure=False, retries=2)
                 for i, (a, b) in enumerate(ranges)]
@@ -285,7 +291,7 @@ def commit_index(store: Store, info: dict, shards: dict[str, list[dict]]) -> Non
         write_manifest(folder, shards[k], {"vectors": k, "whitening": info["whitening"],
                                            "whitening_id": info["whitening_id"], "commit": token},
                        name=f"manifest.{token}.json")
-    store.update_manifest(index={**info, "commit": token, "shards": shards})
+    store.update_manifest(index={**info, "commit": token, "shard_lists": shards})
     finish_commit(store)
 
 
@@ -304,7 +310,7 @@ def finish_commit(store: Store) -> None:
             os.replace(staged, folder / "manifest.json")
         if not folder.is_dir():
             continue
-        keep = {e["file"] for e in info["shards"][k]} | {"manifest.json"}
+        keep = {e["file"] for e in info["shard_lists"][k]} | {"manifest.json"}
         for f in folder.glob("*"):  # shards and manifests of replaced or unfinished builds
             if f.name not in keep and f.is_file():
                 f.unlink(missing_ok=True)
@@ -367,8 +373,14 @@ def require_indexed(store: Store) -> dict:
         except (OSError, ValueError):
             raise StoreError(f"{store.path}/index/{k}/manifest.json is missing or damaged: "
                              f"run `rmac index {store.path}`") from None
+        for e in info["shard_lists"][k]:
+            f = store.path / "index" / k / e["file"]
+            size = f.stat().st_size if f.is_file() else None
+            if size is None or ("bytes" in e and size != e["bytes"]):
+                what = "missing" if size is None else f"{size} bytes, not {e['bytes']}"
+                raise StoreError(f"{f} is {what}: the index is damaged; run `rmac index {store.path}` to rebuild it")
         if meta.get("meta", {}).get("commit") != info["commit"] or \
-                [e["file"] for e in meta.get("shards", [])] != [e["file"] for e in info["shards"][k]]:
+                [e["file"] for e in meta.get("shards", [])] != [e["file"] for e in info["shard_lists"][k]]:
             raise StoreError(f"{store.path}/index/{k} does not hold the committed index: "
                              f"run `rmac index {store.path}`")
     return info
