@@ -295,8 +295,23 @@ class Store:
         if not parts:
             return
         self.update_manifest(revision=int(self.manifest.get("revision", 0)) + 1)
+        (self.path / "parts" / "redo").mkdir(exist_ok=True)
         for p in parts:
-            self._part_file(p).unlink(missing_ok=True)
+            if self._part_file(p).exists():  # kept aside: the redo reuses the rows that did not change
+                os.replace(self._part_file(p), self._redo_file(p))
+
+    def _redo_file(self, p: int) -> Path:
+        return self.path / "parts" / "redo" / f"p{p:06d}.json"
+
+    def redo_records(self, p: int) -> list[dict] | None:
+        """The records partition ``p`` had before it was marked for a redo (None: not a redo)."""
+        try:
+            return json.loads(self._redo_file(p).read_text())["records"]
+        except (OSError, ValueError, KeyError):
+            return None
+
+    def clear_redo(self, p: int) -> None:
+        self._redo_file(p).unlink(missing_ok=True)
 
     def write_partition(self, p: int, records: list[dict], mac: np.ndarray, maps: np.ndarray,
                         scale: np.ndarray, map_hw: np.ndarray, image_hw: np.ndarray) -> None:

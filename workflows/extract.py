@@ -69,7 +69,16 @@ def extract_partition(store: Store, p: int, choice: ModelChoice) -> dict:
     map_hw = np.zeros((n, 2), np.int32)
     image_hw = np.zeros((n, 2), np.int32)
     records = []
+    keep = _reusable(store, p, paths)  # a partition redone for some of its images keeps the others
+    if keep:
+        g, sl = store.arrays, slice(rows.start, rows.stop)
+        old = [g[k][sl] for k in ("mac", "maps", "scale", "map_hw", "image_hw")]
     for i, row in enumerate(rows):
+        if i in keep:
+            for dst, src in zip((macs, maps, scale, map_hw, image_hw), old):
+                dst[i] = src[i]
+            records.append(keep[i])
+            continue
         source = source_stat(paths[i])  # recorded: a later run sees a changed or reappeared file
         rec = {"id": ids[i], "path": paths[i], "status": "done", "reason": None, "source": source}
         try:
@@ -93,8 +102,24 @@ def extract_partition(store: Store, p: int, choice: ModelChoice) -> dict:
         rec.update(image_hw=[image.height, image.width], map_hw=[h, w])
         records.append(rec)
     store.write_partition(p, records, macs, maps, scale, map_hw, image_hw)
+    store.clear_redo(p)
     done = sum(r["status"] == "done" for r in records)
     return {"partition": p, "done": done, "failed": n - done, "skipped": 0}
+
+
+def _reusable(store: Store, p: int, paths: list[str]) -> dict[int, dict]:
+    """Rows of partition ``p`` that a redo keeps as stored (offset -> old record): extracted before,
+    and their source unchanged or gone (a removed file is reported, its features kept)."""
+    old = store.redo_records(p)
+    if old is None:
+        return {}
+    keep = {}
+    for i, (rec, path) in enumerate(zip(old, paths)):
+        if rec.get("status") == "done" and rec.get("path") == path:
+            now = source_stat(path)
+            if now is None or now == rec.get("source"):
+                keep[i] = rec
+    return keep
 
 
 def store_config(choice: ModelChoice, max_size: int, partition_size: int, levels: int) -> StoreConfig:
