@@ -6,8 +6,10 @@ file would silently read as "no image". Two checks, both independent of which ar
 
 * `missing_chunks`: the chunk (or shard) files covering a row range, for every array whose first
   dimension is the row axis — cheap (``stat`` calls), done before a task reads a partition;
-* `digest_rows`: a SHA-256 of the decoded rows of every such array — written per partition when it is
-  extracted / indexed, recomputed by ``rmac verify`` (all partitions or a ``--sample``).
+* `digest_each_row` / `digest_rows`: SHA-256 of each decoded row (extraction: a damaged image is named)
+  or of a partition's rows (index vectors) of every such array — written per partition when it is
+  extracted / indexed, recomputed by ``rmac verify`` (all partitions or a ``--sample``) and by the
+  re-ranking reads (`Store.read_checked`).
 """
 from __future__ import annotations
 
@@ -57,6 +59,15 @@ def row_arrays(group: zarr.Group, n_rows: int, names: Iterable[str] | None = Non
 def digest_rows(group: zarr.Group, start: int, stop: int, names: Iterable[str]) -> dict[str, str]:
     """``{name: digest}`` of rows ``[start, stop)`` of each named array (decoded values)."""
     return {name: digest(group[name][start:stop]) for name in names}
+
+
+def digest_each_row(group: zarr.Group, start: int, stop: int, names: Iterable[str]) -> dict[str, list[str]]:
+    """``{name: [digest of row r for r in [start, stop)]}`` (decoded values): a damaged row is named."""
+    out = {}
+    for name in names:
+        block = group[name][start:stop]
+        out[name] = [digest(row) for row in block]
+    return out
 
 
 def chunk_files(array: zarr.Array, root: Path, start: int, stop: int) -> list[Path]:

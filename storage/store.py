@@ -96,6 +96,10 @@ class Store:
             self.manifest: dict = json.loads(manifest.read_text())
         except ValueError as e:
             raise StoreError(f"{manifest} is not valid JSON ({e}): the store is damaged") from None
+        if self.manifest.get("format") == FORMAT_VERSION and \
+                self.manifest.get("checksum") != _manifest_checksum(self.manifest):
+            raise StoreError(f"{manifest} does not match its checksum (edited or damaged): "
+                             "run `rmac verify` on the store")
         if self.manifest.get("format") != FORMAT_VERSION:
             raise StoreError(
                 f"{self.path}: store format {self.manifest.get('format')} is not {FORMAT_VERSION}: this version "
@@ -137,9 +141,9 @@ class Store:
             group.create_array("ok", shape=(rows,), chunks=(P,), dtype="bool", fill_value=False)
             for sub in ("parts", id_tables.FOLDER):
                 (tmp / sub).mkdir()
-            _write_json_atomic(tmp / "manifest.json", {
+            _write_json_atomic(tmp / "manifest.json", _with_checksum({
                 "format": FORMAT_VERSION, "config": config.__dict__, "n_images": 0, "segments": [],
-            })
+            }))
             try:
                 os.rename(tmp, path)  # replaces a missing or empty folder; fails if another won the race
             except OSError:
@@ -202,8 +206,7 @@ class Store:
             a = g[name]
             a.resize((rows, *a.shape[1:]))
         segments = self.segments + [[first, len(ids)]]
-        self.manifest.update(segments=segments, n_images=sum(n for _, n in segments))
-        _write_json_atomic(self.path / "manifest.json", self.manifest)
+        self.update_manifest(segments=segments, n_images=sum(n for _, n in segments))
         self.segments, self._table = segments, None
         return news
 
@@ -337,8 +340,8 @@ class Store:
         rows = self.partition_rows(p)
         g = self.arrays
         names = checksums.row_arrays(g, self.n_images, exclude=INDEX_ARRAYS)
-        sums = checksums.digest_rows(g, rows.start, rows.stop, names)
-        _write_json_atomic(self._part_file(p), {"records": records, "checksums": sums})
+        sums = checksums.digest_each_row(g, rows.start, rows.stop, names)
+        _write_json_atomic(self._part_file(p), {"records": records, "row_checksums": sums})
 
     def partition_problems(self, p: int, read_data: bool = True) -> list[str]:
         """What is wrong with finished partition ``p``: its record vs its id table, chunk files missing,
@@ -355,19 +358,32 @@ class Store:
                        f"the manifest {len(rows)}")
         out += [f"partition {p}: chunk missing: arrays/{m}" for m in self.missing_chunks(rows.start, rows.stop)]
         if read_data and not out:
-            g = self.arrays
-            sums = doc.get("checksums", {})
-            for name in checksums.row_arrays(g, self.n_images, exclude=INDEX_ARRAYS):
-                if name not in sums:
-                    out.append(f"partition {p}: no checksum recorded for arrays/{name}")
-                    continue
-                try:
-                    got = checksums.digest(g[name][rows.start:rows.stop])
-                except Exception as e:  # a truncated / corrupt chunk file: any codec error
-                    out.append(f"partition {p}: arrays/{name} unreadable ({type(e).__name__}: {e})")
-                    continue
-                if got != sums[name]:
-                    out.append(f"partition {p}: arrays/{name} does not match its checksum")
+            out += self.row_problems(p, rows.start, rows.stop, doc=doc)
+        return out
+
+    def row_problems(self, p: int, start: int, stop: int, names: Iterable[str] | None = None,
+                     doc: dict | None = None, data: dict[str, np.ndarray] | None = None) -> list[str]:
+        """Rows ``[start, stop)`` of partition ``p`` read back (or given as ``data``, name -> rows) and
+        compared with the per-row checksums its record holds; each mismatch names the image."""
+        doc = doc if doc is not None else self.partition_doc(p)
+        sums = doc.get("row_checksums", {})
+        first = self.partition_rows(p).start
+        g = self.arrays
+        names = list(names) if names is not None else checksums.row_arrays(g, self.n_images, exclude=INDEX_ARRAYS)
+        out = []
+        for name in names:
+            if name not in sums:
+                out.append(f"partition {p}: no checksum recorded for arrays/{name}")
+                continue
+            try:
+                block = data[name] if data is not None else g[name][start:stop]
+            except Exception as e:  # a truncated / corrupt chunk file: any codec error
+                out.append(f"partition {p}: arrays/{name} unreadable ({type(e).__name__}: {e})")
+                continue
+            for r, row in zip(range(start, stop), block):
+                if checksums.digest(row) != sums[name][r - first]:
+                    out.append(f"partition {p}: arrays/{name} row {r} "
+                               f"({doc['records'][r - first].get('id')}) does not match its checksum")
         return out
 
     def verify_partition(self, p: int) -> None:
@@ -378,7 +394,7 @@ class Store:
                              f": the store is damaged; run `rmac verify {self.path}`")
 
     def partition_doc(self, p: int) -> dict:
-        """The record file of partition ``p``: ``{"records": [...], "checksums": {array: sha}}``."""
+        """The record file of partition ``p``: ``{"records": [...], "row_checksums": {array: [sha per row]}}``."""
         try:
             doc = json.loads(self._part_file(p).read_text())
             if not isinstance(doc, dict) or not isinstance(doc.get("records"), list):
@@ -459,14 +475,16 @@ class Store:
     def read_maps(self, rows: Iterable[int]) -> list[tuple[np.ndarray, float]]:
         """The quantised maps of ``rows``, each cropped to its valid (h, w), with its scale."""
         rows = list(rows)
-        if rows:
-            self.require_chunks(min(rows), max(rows) + 1)
-        g = self.arrays
-        maps, scale, hw = g["maps"], g["scale"], g["map_hw"]
+        if not rows:
+            return []
+        lo, hi = min(rows), max(rows) + 1
+        self.require_chunks(lo, hi)
+        data = self.read_checked(lo, hi, ("maps", "scale", "map_hw"))  # checked against the record
+        maps, scale, hw = data["maps"], data["scale"], data["map_hw"]
         out = []
         for r in rows:
-            h, w = (int(v) for v in hw[r])
-            out.append((np.ascontiguousarray(maps[r, :, :h, :w]), float(scale[r])))
+            h, w = (int(v) for v in hw[r - lo])
+            out.append((np.ascontiguousarray(maps[r - lo, :, :h, :w]), float(scale[r - lo])))
         return out
 
     def read_padded(self, rows: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -480,7 +498,27 @@ class Store:
         lo, hi = int(sel.min()), int(sel.max()) + 1
         pick = sel - lo
         self.require_chunks(lo, hi)
-        return g["maps"][lo:hi][pick], g["map_hw"][lo:hi][pick], g["image_hw"][lo:hi][pick]
+        data = self.read_checked(lo, hi, ("maps", "map_hw", "image_hw"))
+        return data["maps"][pick], data["map_hw"][pick], data["image_hw"][pick]
+
+    def read_checked(self, start: int, stop: int, names: Sequence[str]) -> dict[str, np.ndarray]:
+        """Rows ``[start, stop)`` of the named arrays, checked against the per-row checksums of their
+        partitions' records: damaged data raises StoreError instead of being used."""
+        g = self.arrays
+        try:
+            data = {name: g[name][start:stop] for name in names}
+        except Exception as e:  # a truncated or corrupt chunk: Zarr's codecs raise various errors
+            raise StoreError(f"{self.path}: rows {start}..{stop} unreadable ({type(e).__name__}: {e}): the "
+                             f"store is damaged; run `rmac verify {self.path}`") from None
+        for p in range(self.partition_of(start), self.partition_of(stop - 1) + 1):
+            r = self.partition_rows(p)
+            a, b = max(start, r.start), min(stop, r.stop)
+            if a >= b:
+                continue
+            problems = self.row_problems(p, a, b, names, data={k: v[a - start:b - start] for k, v in data.items()})
+            if problems:
+                raise StoreError(f"{self.path}: {problems[0]}: the store is damaged; run `rmac verify {self.path}`")
+        return data
 
     def map_bytes(self) -> int:
         """Bytes on disk of the stored activation maps (compressed shards and their indexes)."""
@@ -530,7 +568,8 @@ class Store:
             missing = [n for n in ("mean", "proj", "eigvals")
                        if checksums.missing_chunks(self.path / "whitening", 0, 1 << 62, names=[n])]
             if missing:
-                raise StoreError(f"{self.path}/whitening: data of {', '.join(missing)} missing")
+                raise StoreError(f"{self.path}: whitening/{', whitening/'.join(missing)} data missing: "
+                                 f"run `rmac index {self.path} --refit`")
             mean, proj, eigvals = g["mean"][:], g["proj"][:], g["eigvals"][:]
         except KeyError as e:
             raise StoreError(f"{self.path}/whitening: array {e} missing") from None
@@ -541,9 +580,20 @@ class Store:
 
     def update_manifest(self, **fields: Any) -> None:
         self.manifest.update(fields)
-        _write_json_atomic(self.path / "manifest.json", self.manifest)
+        _write_json_atomic(self.path / "manifest.json", _with_checksum(self.manifest))
 
 
 def whitening_id(mean: np.ndarray, proj: np.ndarray, eigvals: np.ndarray) -> str:
     """Content hash of a whitening (what an index records it was built with)."""
     return checksums.digest_bytes("".join(checksums.digest(np.asarray(a)) for a in (mean, proj, eigvals)).encode())
+
+
+def _manifest_checksum(manifest: dict) -> str:
+    body = {k: v for k, v in manifest.items() if k != "checksum"}
+    return checksums.digest_bytes(json.dumps(body, sort_keys=True).encode())
+
+
+def _with_checksum(manifest: dict) -> dict:
+    """The manifest carries a hash of the rest of it: a hand edit or a torn copy is refused."""
+    manifest["checksum"] = _manifest_checksum(manifest)
+    return manifest

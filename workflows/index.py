@@ -22,7 +22,7 @@ from rmac.ops import whitening as wh
 from rmac.ops.pooling import l2n, regional_mac, rmac_aggregate_many
 from rmac.ops.quantise import dequantise
 from rmac.ops.regions import rmac_regions
-from rmac.storage import checksums
+from rmac.storage import checksums, ids as id_tables
 from rmac.storage.index import shard_file
 from rmac.storage.store import Store, StoreError, _write_json_atomic
 
@@ -180,6 +180,12 @@ def _build_index(store, client, whiten_on, L, dim, shard_rows, index_kind, white
     from distributed import wait
 
     store.require_complete()
+    for p in range(store.n_partitions):  # stat calls only: a deleted file must not index as zeros
+        r = store.partition_rows(p)
+        store.require_chunks(r.start, r.stop)
+        if not id_tables.table_file(store.path, p).is_file():
+            raise StoreError(f"{store.path}: id table of partition {p} is missing: the store is damaged; "
+                             f"run `rmac verify {store.path}`")
     source = whiten_on or store
     mine, theirs = store.config, source.config
     if (theirs.backbone, theirs.channels, theirs.weights) != (mine.backbone, mine.channels, mine.weights):
@@ -275,7 +281,8 @@ def _shard_number(name: str) -> int:
 def _stale(store: Store, p: int, wid: str, L: int) -> bool:
     """Partition ``p``'s vectors are missing or were built from another record or whitening."""
     got = vector_part(store, p)
-    return (got is None or got.get("whitening") != wid or got.get("L") != L
+    r = store.partition_rows(p)
+    return (got is None or store.missing_chunks(r.start, r.stop, names=VECTOR_KINDS, exclude=()) or got.get("whitening") != wid or got.get("L") != L
             or got.get("record") != store.partition_digest(p))
 
 

@@ -1,4 +1,5 @@
 """`rmac verify STORE [--sample F]`: every mismatch in a store, by name; non-zero exit if any.
+Work left to do (partitions not extracted yet, rows not indexed yet) is printed as a note, not a problem.
 
 Always checked (cheap: metadata, file sizes, ``stat`` calls):
   the manifest (format, configuration, segments), each array's shape against it, every partition's id
@@ -23,16 +24,18 @@ from rmac.storage.store import Store, StoreError
 def verify(path: str, sample: float = 0.0, seed: int | None = None) -> dict:
     """Check the store at ``path``; returns ``{"problems": [...], "checked": {...}}``."""
     problems: list[str] = []
+    notes: list[str] = []  # states, not damage: work left for the next extract / index
     try:
         store = Store(path)
     except StoreError as e:
-        return {"store": str(path), "problems": [str(e)], "checked": {}}
+        return {"store": str(path), "problems": [str(e)], "notes": [], "checked": {}}
     rng = random.Random(seed)
     checked = {"partitions": 0, "partitions_read": 0, "shards": 0, "shards_read": 0}
     try:
         g = store.arrays
     except Exception as e:
-        return {"store": str(path), "problems": [f"arrays/: unreadable Zarr group ({e})"], "checked": checked}
+        return {"store": str(path), "problems": [f"arrays/: unreadable Zarr group ({e})"], "notes": [],
+                "checked": checked}
     cfg, rows = store.config, store.n_images
     if store.n_held != store.manifest.get("n_images"):
         problems.append(f"manifest.json: n_images {store.manifest.get('n_images')} but segments hold {store.n_held}")
@@ -54,15 +57,15 @@ def verify(path: str, sample: float = 0.0, seed: int | None = None) -> dict:
         if not checksums_table_ok(store, p, problems):
             continue
         if p not in done:
-            problems.append(f"partition {p}: not extracted (pending): run `rmac extract` to finish it")
+            notes.append(f"partition {p}: not extracted yet (pending): run `rmac extract` to finish it")
             continue
         read = sample > 0 and rng.random() < sample
         checked["partitions"] += 1
         checked["partitions_read"] += read
         problems += store.partition_problems(p, read_data=read)
     if store.manifest.get("index"):
-        _verify_index(store, sample, rng, problems, checked)
-    return {"store": str(store.path), "problems": problems, "checked": checked}
+        _verify_index(store, sample, rng, problems, notes, checked)
+    return {"store": str(store.path), "problems": problems, "notes": notes, "checked": checked}
 
 
 def checksums_table_ok(store: Store, p: int, problems: list[str]) -> bool:
@@ -77,7 +80,8 @@ def checksums_table_ok(store: Store, p: int, problems: list[str]) -> bool:
     return True
 
 
-def _verify_index(store: Store, sample: float, rng: random.Random, problems: list[str], checked: dict) -> None:
+def _verify_index(store: Store, sample: float, rng: random.Random, problems: list[str], notes: list[str],
+                  checked: dict) -> None:
     from rmac.workflows.index import VECTOR_KINDS, vector_part
 
     info = store.manifest["index"]
@@ -152,7 +156,7 @@ def _verify_index(store: Store, sample: float, rng: random.Random, problems: lis
             problems.append(f"index/{k}: shards cover partitions {_ranges(covered)}, the index "
                             f"holds 0..{info['partitions'] - 1}")
     if indexed_rows != store.n_images:
-        problems.append(f"index: covers {indexed_rows} of {store.n_images} rows: run `rmac index` to add the rest")
+        notes.append(f"index: covers {indexed_rows} of {store.n_images} rows: run `rmac index` to add the rest")
 
 
 def _ranges(parts: list[int]) -> str:
@@ -201,6 +205,8 @@ def main(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=1))
     else:
+        for n in result["notes"]:
+            print(f"note: {n}")
         for p in result["problems"]:
             print(p)
         c = result["checked"]
