@@ -111,6 +111,10 @@ class Store:
             raise StoreError(f"{manifest} is damaged ({type(e).__name__}: {e})") from None
         self._table: tuple[list, list] | None = None
 
+    def reload(self) -> None:
+        """Read the manifest again (another process may have changed the store)."""
+        self.__init__(self.path)
+
     def __reduce__(self):  # ship the path, not the open arrays
         return (Store, (str(self.path),))
 
@@ -202,9 +206,10 @@ class Store:
             news.append(first + k)
         rows = (first + len(news) - 1) * P + (len(ids) - (len(news) - 1) * P)
         g = self.arrays
-        for name in checksums.row_arrays(g, self.n_images):
+        for name in g.array_keys():  # row arrays chunked by partition (a killed append may have grown some)
             a = g[name]
-            a.resize((rows, *a.shape[1:]))
+            if name not in INDEX_ARRAYS and a.ndim and a.shape[0] >= self.n_images and (a.shards or a.chunks)[0] == P:
+                a.resize((rows, *a.shape[1:]))
         segments = self.segments + [[first, len(ids)]]
         self.update_manifest(segments=segments, n_images=sum(n for _, n in segments))
         self.segments, self._table = segments, None

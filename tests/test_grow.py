@@ -17,6 +17,7 @@ import pytest
 from rmac.data import LANDMARKS_DEV
 from rmac.storage.index import ShardedIndex
 from rmac.storage.store import Store
+from rmac.workflows import cli
 from rmac.workflows.extract import ModelChoice, extract, extract_partition
 from rmac.workflows.index import build_index, require_indexed
 from rmac.workflows.operations.info import info
@@ -52,7 +53,7 @@ def mtimes(folder: Path) -> dict[str, int]:
     return {f.name: f.stat().st_mtime_ns for f in folder.iterdir() if f.is_file()}
 
 
-def test_a_store_grows_and_is_indexed_incrementally(photos, client, tmp_path):
+def test_a_store_grows_and_is_indexed_incrementally(photos, client, tmp_path, capsys):
     names = sorted(os.listdir(photos))
     store_path = tmp_path / "store"
     first = run_extract(items_of(photos, names[:10]), store_path, client)
@@ -104,6 +105,11 @@ def test_a_store_grows_and_is_indexed_incrementally(photos, client, tmp_path):
     assert summary["index"]["index_kind"] == "flat" and summary["index"]["rows"] == 16
     assert summary["whitening"]["id"] == info3["whitening_id"] and summary["bytes"]["maps"] > 0
     assert len(summary["last_runs"]) == 5 and summary["lock"] is None
+    assert cli.main(["info", str(store_path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == summary
+    assert cli.main(["info", str(store_path)]) == 0
+    text = capsys.readouterr().out
+    assert "images     14 (14 extracted, 0 failed, 0 pending)" in text and "index      flat, 2 shard(s)" in text
 
 
 def test_changed_missing_and_removed_sources(photos, client, tmp_path):

@@ -169,7 +169,7 @@ def build_index(store: Store, client, whiten_on: Store | None = None, L: int = D
     from rmac.storage.lock import StoreLock
 
     with StoreLock(store.path, "index", wait=wait):
-        store = Store(store.path)
+        store.reload()  # what the previous holder committed; the caller's handle sees what we commit
         finish_commit(store)
         return _build_index(store, client, whiten_on, L, dim, shard_rows, index_kind, whiten_subset,
                             whiten_label, whitening, progress, refit)
