@@ -202,7 +202,7 @@ def test_indexed_searched_and_reranked_like_extracted_images(client, dev, dev_st
         ih, iw = store.arrays["image_hw"][row]
         x1, y1, x2, y2 = r.boxes[g]
         assert 0 <= x1 < x2 <= iw + 1e-3 and 0 <= y1 < y2 <= ih + 1e-3
-    positives = {dev_store.rows_of[i] for i in q.ok if i in dev_store.rows_of}
-    assert positives and int(r.rows[0]) in positives
+    positives = {dev_store.rows_of[i] for i in [*q.ok, q.image] if i in dev_store.rows_of}
+    assert len(positives) >= 2 and int(r.rows[0]) in positives
     info = json.loads((d.path / "index" / "rmac" / "manifest.json").read_text())
     assert sum(s["ntotal"] for s in info["shards"]) == COUNT
