@@ -93,13 +93,16 @@ def partition_vectors(store: Store, p: int, whitening: wh.Whitening, L: int) -> 
     return len(keep)
 
 
-def build_shard_file(store: Store, kind: str, shard: int, start: int, stop: int, index_kind: str) -> dict:
-    """Build and save one FAISS shard over rows [start, stop) of ``kind`` vectors."""
-    from rmac.storage.index import build_shard, save_shard
+def build_shard_file(store: Store, kind: str, shard: int, start: int, stop: int, index_kind: str,
+                     template: str | None = None) -> dict:
+    """Build and save one FAISS shard over rows [start, stop) of ``kind`` vectors (IVF: a copy of the
+    trained ``template`` file with these rows added, see `rmac.workflows.ivf`)."""
+    from rmac.storage.index import build_shard, load_shard, save_shard
 
     vectors = store.arrays[kind][start:stop]
     valid = store.valid_rows(range(start, stop))
-    index = build_shard(vectors, start, kind=index_kind, valid=valid)
+    index = build_shard(vectors, start, kind=index_kind, valid=valid,
+                        template=load_shard(template) if template else None)
     name = f"shard_{shard:03d}.faiss"
     folder = store.path / "index" / kind
     folder.mkdir(parents=True, exist_ok=True)
@@ -119,7 +122,7 @@ def build_index(store: Store, client, whiten_on: Store | None = None, L: int = D
                 dim: int | None = DEFAULT_DIM, shard_rows: int = DEFAULT_SHARD_ROWS,
                 index_kind: str = "flat", whiten_subset: np.ndarray | None = None,
                 whiten_label: str | None = None, whitening: wh.Whitening | None = None,
-                progress: bool = True) -> dict:
+                progress: bool = True, nlist: int | None = None, ivf_codec: str = "flat") -> dict:
     """Whitening, global vectors and FAISS shards for ``store``; returns timings and what was built.
 
     The whitening is fitted on ``whiten_on`` (default: the store itself), on the rows of
@@ -159,12 +162,20 @@ def build_index(store: Store, client, whiten_on: Store | None = None, L: int = D
 
     t = time.perf_counter()
     ranges = shard_ranges(store, shard_rows)
+    ivf = {}
+    if index_kind == "ivf":  # one k-means per vector kind on a sample, then every shard adds to a copy
+        from rmac.workflows.ivf import TEMPLATE, train_template
+
+        trained = {k: client.submit(train_template, store, k, nlist, ivf_codec, pure=False) for k in VECTOR_KINDS}
+        ivf = {k: f.result() for k, f in trained.items()}
+        timings["ivf_train_s"] = time.perf_counter() - t
     for k in VECTOR_KINDS:
-        shards = [client.submit(build_shard_file, store, k, i, a, b, index_kind, pure=False, retries=2)
+        template = str(store.path / "index" / k / TEMPLATE) if ivf else None
+        shards = [client.submit(build_shard_file, store, k, i, a, b, index_kind, template, pure=False, retries=2)
                   for i, (a, b) in enumerate(ranges)]
         wait(shards)
         write_manifest(store.path / "index" / k, [f.result() for f in shards],
-                       {"vectors": k, "whitening": fitted_on})
+                       {"vectors": k, "whitening": fitted_on, **({"ivf": ivf[k]} if ivf else {})})
     timings["faiss_s"] = time.perf_counter() - t
     info = {"store": str(store.path), "whitening": fitted_on, "L": L, "dim": int(D),
             "shards": len(ranges), "index_kind": index_kind,
@@ -204,6 +215,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dim", type=int, default=DEFAULT_DIM, help="whitened dimensions (default %(default)s)")
     parser.add_argument("--shard-rows", type=int, default=DEFAULT_SHARD_ROWS, help="rows per FAISS shard")
     parser.add_argument("--ivf", action="store_true", help="IVF shards instead of exact inner product")
+    parser.add_argument("--nlist", type=int, help="IVF lists (default about 4 sqrt(N), a power of two)")
+    parser.add_argument("--ivf-codec", choices=("flat", "sq8"), default="flat",
+                        help="IVF list storage: float vectors or 8-bit scalar quantised (default %(default)s)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -212,7 +226,8 @@ def main(args: argparse.Namespace, client) -> int:
 
     store = Store(args.store)
     other = Store(args.whiten_on) if args.whiten_on else None
-    info = build_index(store, client, other, args.L, args.dim, args.shard_rows, "ivf" if args.ivf else "flat")
+    info = build_index(store, client, other, args.L, args.dim, args.shard_rows, "ivf" if args.ivf else "flat",
+                       nlist=args.nlist, ivf_codec=args.ivf_codec)
     print(json.dumps(info, indent=1) if args.json else
           f"indexed {store.path}: whitening fitted on {info['whitening']}, {info['dim']}-D, "
           f"{info['shards']} shard(s); {info['timings']}")
