@@ -64,11 +64,11 @@ def search_held(refs: list[ShardRef], q: np.ndarray, k: int, nprobe: int | None)
     return d, i
 
 
-def shard_refs(store_paths: list[Path], offsets: list[int], kind: str) -> list[ShardRef]:
+def shard_refs(store_paths: list[Path], offsets: list[int], kind: str, index_dir: str = "index") -> list[ShardRef]:
     """Every shard of ``kind`` over ``store_paths`` (global offsets ``offsets``), in row order."""
     refs = []
     for path, off in zip(store_paths, offsets):
-        folder = Path(path) / "index" / kind
+        folder = Path(path) / index_dir / kind
         doc = json.loads((folder / MANIFEST).read_text())
         for e in doc["shards"]:
             st = os.stat(folder / e["file"])
@@ -80,8 +80,8 @@ def shard_refs(store_paths: list[Path], offsets: list[int], kind: str) -> list[S
 class ScatteredFilter:
     """The FAISS shards of a database held by the workers of ``client`` and searched there."""
 
-    def __init__(self, client, store_paths: list[Path], offsets: list[int]):
-        self.client = client
+    def __init__(self, client, store_paths: list[Path], offsets: list[int], index_dir: str = "index"):
+        self.client, self.index_dir = client, index_dir
         self.store_paths, self.offsets = list(store_paths), [int(o) for o in offsets]
         self.workers = sorted(client.scheduler_info()["workers"])
         if not self.workers:
@@ -91,7 +91,7 @@ class ScatteredFilter:
     def plan(self, kind: str) -> dict[str, list[ShardRef]]:
         """Worker address -> the shards of ``kind`` it holds (round-robin in shard order)."""
         if kind not in self._plan:
-            refs = shard_refs(self.store_paths, self.offsets, kind)
+            refs = shard_refs(self.store_paths, self.offsets, kind, self.index_dir)
             plan: dict[str, list[ShardRef]] = {w: [] for w in self.workers}
             for j, ref in enumerate(refs):
                 plan[self.workers[j % len(self.workers)]].append(ref)
@@ -103,7 +103,7 @@ class ScatteredFilter:
         self.search(kind, np.zeros((1, self._dim(kind)), np.float32), 1)
 
     def _dim(self, kind: str) -> int:
-        return int(json.loads((Path(self.store_paths[0]) / "index" / kind / MANIFEST).read_text())["d"])
+        return int(json.loads((Path(self.store_paths[0]) / self.index_dir / kind / MANIFEST).read_text())["d"])
 
     def search(self, kind: str, q: np.ndarray, k: int, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top ``k`` (scores, global rows) of each query row, best first (-inf / -1 where none)."""

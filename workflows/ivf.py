@@ -14,6 +14,8 @@ Choice of the index (FAISS guidelines, measured by `rmac bench scale`): ``nlist`
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from rmac.storage.store import Store
@@ -48,7 +50,7 @@ def sample_rows(store: Store, kind: str, size: int, seed: int = 0) -> np.ndarray
 
 
 def train_template(store: Store, kind: str, nlist: int | None = None, codec: str = "flat",
-                   seed: int = 0) -> dict:
+                   seed: int = 0, folder: str | None = None) -> dict:
     """Train an empty IVF index on a sample of ``kind`` vectors and save it in the index folder (a Dask
     task: the sample, at most 64 x nlist vectors, is read here, never on the client)."""
     import faiss
@@ -71,7 +73,30 @@ def train_template(store: Store, kind: str, nlist: int | None = None, codec: str
     index.cp.spherical = True
     index.cp.seed = seed
     index.train(x)
-    folder = store.path / "index" / kind
+    folder = Path(folder) if folder else store.path / "index" / kind
     folder.mkdir(parents=True, exist_ok=True)
     save_shard(index, folder / TEMPLATE)
     return {"nlist": nlist, "trained_on": int(len(x)), "codec": codec, "file": TEMPLATE}
+
+
+def add_shard(store: Store, kind: str, shard: int, start: int, stop: int, template: str, index_dir: str) -> dict:
+    """A copy of the trained ``template`` with rows [start, stop) of ``kind`` added, saved as shard
+    ``shard`` of ``STORE/index_dir/kind`` (a Dask task)."""
+    from rmac.storage.index import build_shard, load_shard, save_shard, shard_entry, shard_file
+
+    index = build_shard(store.arrays[kind][start:stop], start, kind="ivf", valid=store.valid_rows(range(start, stop)),
+                        template=load_shard(template))
+    folder = store.path / index_dir / kind
+    folder.mkdir(parents=True, exist_ok=True)
+    save_shard(index, folder / shard_file(shard))
+    return shard_entry(index, shard_file(shard), start, stop, "ivf")
+
+
+def build_ivf(client, store: Store, kind: str, template: str, ranges: list[tuple[int, int]],
+              index_dir: str, meta: dict) -> None:
+    """Every shard of ``store`` added to ``template`` in parallel, then the folder's manifest."""
+    from rmac.storage.index import write_manifest
+
+    futures = [client.submit(add_shard, store, kind, i, a, b, template, index_dir, pure=False, retries=2)
+               for i, (a, b) in enumerate(ranges)]
+    write_manifest(store.path / index_dir / kind, client.gather(futures), meta)
