@@ -97,9 +97,16 @@ def distractors(client, dev_store, tmp_path_factory):
     return tmp, summary, Store(tmp / "d1")
 
 
+VECTORS = ("mac", "scale", "map_hw", "image_hw", "ok")
+
+
 def _arrays(store: Store) -> dict:
+    """Every stored array, the maps as their valid (K, h, w) cells (whatever the map format)."""
     g = store.arrays
-    return {k: g[k][:] for k in ("mac", "maps", "scale", "map_hw", "image_hw", "ok")}
+    out = {k: g[k][:] for k in VECTORS}
+    for r, (q, _) in enumerate(store.read_maps(range(store.n_images))):
+        out[f"map{r}"] = q
+    return out
 
 
 def test_same_layout_as_extraction(dev_store, distractors):
@@ -107,7 +114,9 @@ def test_same_layout_as_extraction(dev_store, distractors):
     src = dev_store.store
     assert summary["images"] == COUNT and d.n_images == COUNT and d.pending_partitions() == []
     gs, gd = src.arrays, d.arrays
-    for k in ("mac", "maps", "scale", "map_hw", "image_hw", "ok"):
+    indexed = {"rmac", "macw"}
+    assert sorted(set(gd.keys()) - indexed) == sorted(set(gs.keys()) - indexed)  # as extracted
+    for k in VECTORS:
         assert gd[k].dtype == gs[k].dtype and gd[k].shape[1:] == gs[k].shape[1:], k
         assert gd[k].shape[0] == COUNT
     c, s = d.config, src.config
@@ -122,11 +131,10 @@ def test_same_layout_as_extraction(dev_store, distractors):
     for i in range(0, COUNT, 7):
         h, w = a["map_hw"][i]
         assert 1 <= h <= c.map_side and 1 <= w <= c.map_side
-        q = a["maps"][i]
-        assert not q[:, h:, :].any() and not q[:, :, w:].any()  # padding stays zero, as extracted
-        assert q.max() <= c.levels
+        q = a[f"map{i}"]
+        assert q.dtype == np.uint8 and q.shape == (c.channels, h, w) and q.max() <= c.levels
         # stored MAC is the float map's; the quantised map's max is within half a step of it
-        np.testing.assert_allclose(mac(dequantise(q[:, :h, :w], a["scale"][i])),
+        np.testing.assert_allclose(mac(dequantise(q, a["scale"][i])),
                                    np.minimum(a["mac"][i], c.levels * a["scale"][i]),
                                    atol=0.5 * a["scale"][i] + 1e-6)
 
@@ -146,8 +154,8 @@ def test_same_seed_same_bytes_other_seed_differs_and_resume(client, dev_store, d
     g = d2.arrays
     for p in (1, 4):
         rows = d2.partition_rows(p)
-        g["maps"][rows.start:rows.stop] = 0
         g["mac"][rows.start:rows.stop] = 0
+        g["scale"][rows.start:rows.stop] = 0
         (d2.path / "parts" / f"p{p:06d}.json").unlink()
     s = make_distractors(str(dev_store.path), str(tmp / "d2"), COUNT, client, seed=7, pattern="distractor_*",
                          partition_size=16, progress=False)
@@ -206,3 +214,12 @@ def test_indexed_searched_and_reranked_like_extracted_images(client, dev, dev_st
     assert len(positives) >= 2 and int(r.rows[0]) in positives
     info = json.loads((d.path / "index" / "rmac" / "manifest.json").read_text())
     assert sum(s["ntotal"] for s in info["shards"]) == COUNT
+
+
+def test_cli_bad_input_is_one_line(rmac_cli, dev_store, tmp_path):
+    r = rmac_cli("distractors", "--count", "0", "--from", dev_store.path, "--out", tmp_path / "z")
+    err = [l for l in r.stderr.splitlines() if not l.startswith("dask:")]
+    assert r.returncode == 2 and len(err) == 1 and "--count" in err[0], r.stderr
+    r = rmac_cli("distractors", "--count", "5", "--from", tmp_path / "nothing", "--out", tmp_path / "z")
+    assert r.returncode == 2 and "not an rmac store" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "z").exists()
