@@ -46,6 +46,13 @@ def held_shards() -> int:
     return _held.cache_info().currsize
 
 
+def release_held() -> int:
+    """Drop every shard this process holds (``client.run(release_held)``); returns how many."""
+    n = _held.cache_info().currsize
+    _held.cache_clear()
+    return n
+
+
 def search_held(refs: list[ShardRef], q: np.ndarray, k: int, nprobe: int | None) -> tuple[np.ndarray, np.ndarray]:
     """Search the shards ``refs`` held by this worker; merged top ``k`` with global row numbers."""
     import faiss

@@ -94,6 +94,14 @@ def bytes_needed(per_image: float, count: int) -> int:
     return int(1.25 * per_image * count)
 
 
+def check_disk(root: Path, need: int, count: int) -> None:
+    """Refuse (one line, SystemExit) when ``root``'s file system has less than ``need`` bytes free."""
+    free = shutil.disk_usage(root).free
+    if need > free:
+        raise SystemExit(f"rmac bench scale: {count} distractors need about {need / 2**30:.1f} GiB under {root}, "
+                         f"only {free / 2**30:.1f} GiB free: use --workdir elsewhere or a smaller --count")
+
+
 # -- timing helpers ------------------------------------------------------------------------------
 def pct(xs: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(xs, np.float64), q)) if xs else float("nan")
@@ -163,11 +171,8 @@ def bench_scale(count: int, workdir: str | None = None, keep: bool = False, n_wo
             per_image = (tree_bytes(dev.path / "arrays") + tree_bytes(dev.path / "index")) / dev.n_images
             per_image *= 1.6  # + the IVF shards (about the exact shards' size again, less the maps)
             need = bytes_needed(per_image, count)
-            free = shutil.disk_usage(root).free
-            if not (root / "distractors" / "manifest.json").exists() and need > free:
-                raise SystemExit(f"rmac bench scale: {count} distractors need about {need / 2**30:.1f} GiB "
-                                 f"under {root}, only {free / 2**30:.1f} GiB free: use --workdir elsewhere "
-                                 "or a smaller --count")
+            if not (root / "distractors" / "manifest.json").exists():
+                check_disk(root, need, count)
             out["disk_needed_estimate_gib"] = round(need / 2**30, 2)
 
             # 2. the distractors, then their index with the dev set's whitening
@@ -234,8 +239,7 @@ def bench_scale(count: int, workdir: str | None = None, keep: bool = False, n_wo
             peaks.reset()
             filt = {}
             db = Database([dev, d]).scatter_filtering(client)
-            db.scattered.warm("rmac")
-            db.scattered.warm("macw")
+            db.scattered.warm("rmac")  # R-MAC filtering only: the workers hold no MAC shard
             times, exact = time_filter(db, "rmac", Q, top_n)
             filt["exact_workers"] = {"p50_ms": 1e3 * pct(times, 50), "p95_ms": 1e3 * pct(times, 95)}
             if n_total <= CLIENT_SIDE_LIMIT:
@@ -244,8 +248,11 @@ def bench_scale(count: int, workdir: str | None = None, keep: bool = False, n_wo
                 times, exact_c = time_filter(db_client, "rmac", Q, top_n)
                 filt["exact_client"] = {"p50_ms": 1e3 * pct(times, 50), "p95_ms": 1e3 * pct(times, 95),
                                         "recall_vs_workers": recall_at(exact_c, exact)}
-            from rmac.workflows.filtering import ScatteredFilter
+            from rmac.workflows.filtering import ScatteredFilter, release_held
 
+            peaks.read("filtering exact (exact shards held by workers)")
+            client.run(release_held)  # at 1M the exact and IVF shards would not both fit
+            peaks.reset()
             ivf_db = Database([dev, d])
             ivf_db.scattered = ScatteredFilter(client, [dev.path, d.path], ivf_db.offsets[:-1].tolist(), "index-ivf")
             ivf_db.scattered.warm("rmac")
@@ -254,10 +261,12 @@ def bench_scale(count: int, workdir: str | None = None, keep: bool = False, n_wo
                 filt[f"ivf_nprobe{nprobe}"] = {"p50_ms": 1e3 * pct(times, 50), "p95_ms": 1e3 * pct(times, 95),
                                                f"recall@{top_n}": recall_at(found, exact)}
             out["filtering"] = {k: {a: round(b, 4) for a, b in v.items()} for k, v in filt.items()}
-            peaks.read("filtering (shards held by workers)")
+            peaks.read("filtering IVF (IVF shards held by workers)")
+            client.run(release_held)
 
             # 7. re-ranking of the top N read from the store, QE, end to end
             peaks.reset()
+            db.scattered.warm("rmac")
             params = SearchParams(top_n=top_n, rerank=True, qe=5)
             wf = client.scatter(w, broadcast=True)
             answer(db, client, qvs[0], params, wf)  # warm-up: numba caches, file caches
