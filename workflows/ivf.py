@@ -26,9 +26,12 @@ TEMPLATE = "ivf_template.faiss"
 
 
 def default_nlist(n: int) -> int:
-    """About 4 sqrt(n), a power of two between 16 and 16384 (the FAISS guidelines' range)."""
-    target = 4 * np.sqrt(max(n, 1))
-    return int(min(16384, max(16, 2 ** int(np.round(np.log2(target))))))
+    """About 4 sqrt(n), a power of two between 16 and 16384 (the FAISS guidelines' range), with at
+    least 39 vectors per list (k-means' minimum): 256 at 10k, 1024 at 100k, 4096 at 1M."""
+    nlist = 2 ** int(np.round(np.log2(4 * np.sqrt(max(n, 1)))))
+    while nlist > 16 and nlist * 39 > n:
+        nlist //= 2
+    return int(min(16384, max(16, nlist)))
 
 
 def sample_rows(store: Store, kind: str, size: int, seed: int = 0) -> np.ndarray:
