@@ -221,5 +221,8 @@ def test_cli_bad_input_is_one_line(rmac_cli, dev_store, tmp_path):
     err = [l for l in r.stderr.splitlines() if not l.startswith("dask:")]
     assert r.returncode == 2 and len(err) == 1 and "--count" in err[0], r.stderr
     r = rmac_cli("distractors", "--count", "5", "--from", tmp_path / "nothing", "--out", tmp_path / "z")
+    assert r.returncode == 2 and "--from" in r.stderr and "Traceback" not in r.stderr
+    (tmp_path / "empty").mkdir()
+    r = rmac_cli("distractors", "--count", "5", "--from", tmp_path / "empty", "--out", tmp_path / "z")
     assert r.returncode == 2 and "not an rmac store" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "z").exists()

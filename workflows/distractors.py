@@ -148,13 +148,18 @@ def make_distractors(src_path: str, out_path: str, count: int, client, seed: int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--count", type=int, required=True, help="how many distractors to make")
-    parser.add_argument("--from", dest="source", required=True, help="an extracted store of real images")
-    parser.add_argument("--out", required=True, help="the distractor store to create (or resume)")
-    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="default %(default)s")
+    from rmac.workflows.args import existing_dir, new_or_existing_dir, nonnegative_int, positive_int
+
+    parser.add_argument("--count", type=positive_int, required=True, help="how many distractors to make")
+    parser.add_argument("--from", dest="source", type=existing_dir, required=True,
+                        help="an extracted store of real images")
+    parser.add_argument("--out", type=new_or_existing_dir, required=True,
+                        help="the distractor store to create (or resume)")
+    parser.add_argument("--seed", type=nonnegative_int, default=DEFAULT_SEED, help="default %(default)s")
     parser.add_argument("--source-ids", default="*",
                         help="fnmatch pattern of the source ids to draw from, e.g. 'distractor_*' (default all)")
-    parser.add_argument("--partition-size", type=int, help="images per task / shard (default: the source's)")
+    parser.add_argument("--partition-size", type=positive_int,
+                        help="images per task / shard (default: the source's)")
 
 
 def main(args: argparse.Namespace, client) -> int:

@@ -360,7 +360,9 @@ def summary_line(res: dict) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--count", type=int, required=True, help="synthetic distractors (10000, 100000, 1000000)")
+    from rmac.workflows.args import positive_int
+
+    p.add_argument("--count", type=positive_int, required=True, help="synthetic distractors (10000, 100000, 1000000)")
     p.add_argument("--workdir", help="where the stores go (default: a temporary folder); reused when kept")
     p.add_argument("--keep", action="store_true", help="keep the stores (default: remove them at the end)")
     p.add_argument("--workers", type=int, help="LocalCluster worker processes (default: one per core)")
