@@ -372,6 +372,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-n", type=int, default=1000)
     p.add_argument("--queries", type=int, help="use the first QUERIES dev queries (default all)")
     p.add_argument("--nprobe", type=int, nargs="+", default=list(NPROBES), help="IVF nprobe values to measure")
+    p.add_argument("--similarity-sample", type=positive_int, default=2000,
+                   help="synthetic distractors compared with the real ones (default %(default)s)")
     p.add_argument("--json", dest="json_out", help="also write the figures to this JSON file")
 
 
@@ -380,7 +382,8 @@ def main(args: argparse.Namespace) -> int:
         print("rmac bench scale: error: --count must be >= 1", file=sys.stderr)
         return 2
     res = bench_scale(args.count, args.workdir, args.keep, args.workers, args.scheduler, args.max_size,
-                      args.shard_rows, args.top_n, args.queries, tuple(args.nprobe), progress=False)
+                      args.shard_rows, args.top_n, args.queries, tuple(args.nprobe),
+                      similarity_sample=args.similarity_sample, progress=False)
     print_report(res)
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(res, indent=1))
