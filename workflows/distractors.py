@@ -46,6 +46,11 @@ def source_rows(src: Store, pattern: str = "*") -> np.ndarray:
     return rows
 
 
+def synthetic_path(src: Store, seed: int, row: int) -> str:
+    """The (imageless) path recorded for distractor ``row``."""
+    return f"synthetic:{src.path.name}:seed={seed}:{row}"
+
+
 def pool_blocks(rows: np.ndarray, block: int) -> list[np.ndarray]:
     """``rows`` cut into consecutive blocks of ``block`` rows (the last may be shorter)."""
     return [rows[i:i + block] for i in range(0, len(rows), block)]
@@ -89,7 +94,9 @@ def synthesise_partition(src: Store, out: Store, p: int, rows: np.ndarray, seed:
         for piece in ("base", "partner"):
             if piece in desc:
                 desc[piece]["source"] = src.ids[pool_rows[desc[piece].pop("index")]]
-        records.append({"id": out.ids[row], "path": out.paths[row], "status": "done", "reason": None,
+        # the id and path of a row follow from its number (reading ids.json per task costs O(N))
+        records.append({"id": ID_FORMAT.format(row), "path": synthetic_path(src, seed, row),
+                        "status": "done", "reason": None,
                         "image_hw": image_hw[i].tolist(), "map_hw": [h, w], "recipe": desc})
     out.write_partition(p, records, macs, maps, scale, map_hw, image_hw)
     return {"partition": p, "skipped": False}
@@ -124,7 +131,7 @@ def make_distractors(src_path: str, out_path: str, count: int, client, seed: int
             raise StoreError(f"{out_path} holds other distractors ({out.manifest.get('distractors')}): "
                              "use another --out")
     else:
-        paths = [f"synthetic:{src.path.name}:seed={seed}:{i}" for i in range(count)]
+        paths = [synthetic_path(src, seed, i) for i in range(count)]
         out = Store.create(out_path, ids, paths, config)
         out.update_manifest(distractors=spec)
     t0 = time.perf_counter()
