@@ -169,8 +169,9 @@ def shard_entry(index: faiss.Index, file: str, start: int, stop: int, kind: str)
             "d": int(index.d), "ntotal": int(index.ntotal)}
 
 
-def write_manifest(folder: str | os.PathLike, shards: Sequence[dict], meta: dict | None = None) -> Path:
-    """Write ``folder/manifest.json`` (atomically) for shards already saved in ``folder``.
+def write_manifest(folder: str | os.PathLike, shards: Sequence[dict], meta: dict | None = None,
+                   name: str = MANIFEST) -> Path:
+    """Write ``folder/manifest.json`` (or ``folder/name``; atomically) for shards already saved in ``folder``.
 
     shards: ``{"file", "start", "stop", "kind", "d", "ntotal"}`` each, with disjoint row ranges.
     meta: free JSON-serialisable description (which array, whitening, store, ...).
@@ -197,7 +198,7 @@ def write_manifest(folder: str | os.PathLike, shards: Sequence[dict], meta: dict
         raise ValueError(f"shards disagree on the dimension: {sorted(dims)}")
     doc = {"format": FORMAT, "metric": "inner_product", "d": dims.pop() if dims else None,
            "shards": entries, "meta": meta or {}}
-    path = folder / MANIFEST
+    path = folder / name
     with durable_file(path) as f:
         f.write(json.dumps(doc, indent=1).encode())
     return path

@@ -61,7 +61,7 @@ def test_ivf_template_shards_share_lists_and_full_probe_is_exact(client, dev_sto
                        index_kind="ivf", nlist=nlist, progress=False)
     assert info["shards"] >= 3 and "ivf_train_s" in info["timings"]
     index = ShardedIndex(path / "index" / "rmac")
-    assert index.meta["ivf"]["nlist"] == nlist
+    assert info["ivf"]["rmac"]["nlist"] == nlist and info["ivf"]["macw"]["nlist"] == nlist
     centroids = [faiss.extract_index_ivf(s).quantizer.reconstruct_n(0, nlist) for s in index.shards]
     for c in centroids[1:]:
         np.testing.assert_array_equal(c, centroids[0])
