@@ -119,14 +119,17 @@ def vector_part(store: Store, p: int) -> dict | None:
         return None
 
 
-def build_shard_file(store: Store, kind: str, shard: int, start: int, stop: int, index_kind: str) -> dict:
-    """Build and save one FAISS shard over rows [start, stop) of ``kind`` vectors."""
-    from rmac.storage.index import build_shard, save_shard
+def build_shard_file(store: Store, kind: str, shard: int, start: int, stop: int, index_kind: str,
+                     template: str | None = None) -> dict:
+    """Build and save one FAISS shard over rows [start, stop) of ``kind`` vectors (IVF: a copy of the
+    trained ``template`` file with these rows added, see `rmac.workflows.ivf`)."""
+    from rmac.storage.index import build_shard, load_shard, save_shard
 
     store.require_chunks(start, stop, names=(kind,), exclude=())
     vectors = store.arrays[kind][start:stop]
     valid = store.valid_rows(range(start, stop))
-    index = build_shard(vectors, start, kind=index_kind, valid=valid)
+    index = build_shard(vectors, start, kind=index_kind, valid=valid,
+                        template=load_shard(template) if template else None)
     name = shard_file(shard)
     folder = store.path / "index" / kind
     folder.mkdir(parents=True, exist_ok=True)
@@ -155,7 +158,8 @@ def build_index(store: Store, client, whiten_on: Store | None = None, L: int = D
                 dim: int | None = DEFAULT_DIM, shard_rows: int = DEFAULT_SHARD_ROWS,
                 index_kind: str = "flat", whiten_subset: np.ndarray | None = None,
                 whiten_label: str | None = None, whitening: wh.Whitening | None = None,
-                progress: bool = True, refit: bool = False, wait: bool = False) -> dict:
+                progress: bool = True, refit: bool = False, wait: bool = False, nlist: int | None = None,
+                ivf_codec: str = "flat") -> dict:
     """Whitening, global vectors and FAISS shards for ``store``; returns timings and what was built.
 
     The whitening is fitted on ``whiten_on`` (default: the store itself), on the rows of
@@ -172,11 +176,11 @@ def build_index(store: Store, client, whiten_on: Store | None = None, L: int = D
         store.reload()  # what the previous holder committed; the caller's handle sees what we commit
         finish_commit(store)
         return _build_index(store, client, whiten_on, L, dim, shard_rows, index_kind, whiten_subset,
-                            whiten_label, whitening, progress, refit)
+                            whiten_label, whitening, progress, refit, nlist, ivf_codec)
 
 
 def _build_index(store, client, whiten_on, L, dim, shard_rows, index_kind, whiten_subset, whiten_label,
-                 whitening, progress, refit) -> dict:
+                 whitening, progress, refit, nlist=None, ivf_codec="flat") -> dict:
     from distributed import wait
 
     store.require_complete()
@@ -248,10 +252,20 @@ def _build_index(store, client, whiten_on, L, dim, shard_rows, index_kind, white
     todo = [p for p in range(store.n_partitions) if p not in covered]
     ranges = shard_ranges(store, shard_rows, todo)
     shards = {}
+    ivf = {}
+    if index_kind == "ivf" and ranges:  # one k-means per vector kind on a sample; every shard adds to a copy
+        from rmac.workflows.ivf import TEMPLATE, train_template
+
+        trained = {k: client.submit(train_template, store, k, nlist, ivf_codec, 0,
+                                    str(store.path / "index" / "ivf" / k), pure=False) for k in VECTOR_KINDS}
+        ivf = {k: f.result() for k, f in trained.items()}
+        timings["ivf_train_s"] = time.perf_counter() - t
     for k in VECTOR_KINDS:
+        template = str(store.path / "index" / "ivf" / k / TEMPLATE) if ivf else None
         used = [e["file"] for e in (before or {}).get("shard_lists", {}).get(k, [])]  # never overwrite those
         first = 1 + max([_shard_number(f) for f in used], default=-1)
-        futs = [client.submit(build_shard_file, store, k, first + i, a, b, index_kind, pure=False, retries=2)
+        futs = [client.submit(build_shard_file, store, k, first + i, a, b, index_kind, template, pure=False,
+                              retries=2)
                 for i, (a, b) in enumerate(ranges)]
         wait(futs)
         shards[k] = sorted(kept[k] + [f.result() for f in futs], key=lambda e: e["start"])
@@ -261,6 +275,8 @@ def _build_index(store, client, whiten_on, L, dim, shard_rows, index_kind, white
             "partitions": store.n_partitions, "revision": int(store.manifest.get("revision", 0)),
             "incremental": incremental, "partitions_indexed": len(redo), "shards_built": len(ranges),
             "timings": {k: round(v, 3) for k, v in timings.items()}}
+    if ivf:
+        info["ivf"] = ivf
     commit_index(store, info, shards)
     store.log_run({"command": "index", "version": _version(), "incremental": incremental,
                    "partitions_indexed": len(redo), "shards_built": len(ranges),
@@ -405,6 +421,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="whitened dimensions (default %(default)s)")
     parser.add_argument("--shard-rows", type=positive_int, default=DEFAULT_SHARD_ROWS, help="rows per FAISS shard")
     parser.add_argument("--ivf", action="store_true", help="IVF shards instead of exact inner product")
+    parser.add_argument("--nlist", type=int, help="IVF lists (default about 4 sqrt(N), a power of two)")
+    parser.add_argument("--ivf-codec", choices=("flat", "sq8"), default="flat",
+                        help="IVF list storage: float vectors or 8-bit scalar quantised (default %(default)s)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--refit", action="store_true",
                         help="learn the whitening again over everything and rebuild every vector "
@@ -417,7 +436,7 @@ def main(args: argparse.Namespace, client) -> int:
     store = Store(args.store)
     other = Store(args.whiten_on) if args.whiten_on else None
     info = build_index(store, client, other, args.L, args.dim, args.shard_rows, "ivf" if args.ivf else "flat",
-                       refit=args.refit, wait=args.wait)
+                       refit=args.refit, wait=args.wait, nlist=args.nlist, ivf_codec=args.ivf_codec)
     print(json.dumps(info, indent=1) if args.json else
           f"indexed {store.path}: whitening fitted on {info['whitening']}, {info['dim']}-D, "
           f"{info['shards']} shard(s); {info['partitions_indexed']} partition(s) and {info['shards_built']} "
