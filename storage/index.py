@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, BinaryIO, Iterator, Sequence
 
 import faiss
 import numpy as np
@@ -54,6 +55,7 @@ def build_shard(
     valid: np.ndarray | None = None,
     train: np.ndarray | None = None,
     nprobe: int | None = None,
+    template: faiss.Index | None = None,
 ) -> faiss.Index:
     """Index rows ``start .. start+len(vectors)`` of a vector array by inner product.
 
@@ -62,6 +64,8 @@ def build_shard(
     kind: "flat" (exact, `IndexIDMap(IndexFlatIP)`) or "ivf" (`IndexIVFFlat`, spherical k-means
     trained on ``train`` if given, e.g. a sample shared by all shards, else on the shard itself;
     ``nlist`` defaults to `default_nlist` of the training size; ``nprobe`` is stored in the shard).
+    template: an already trained, empty IVF index (trained once on a sample of the whole array, see
+    `rmac.workflows.ivf`): the shard is a copy of it with its rows added, so all shards share lists.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -78,6 +82,12 @@ def build_shard(
 
     if kind == "flat":
         index = faiss.IndexIDMap(faiss.IndexFlatIP(d))
+    elif template is not None:
+        if not template.is_trained or template.ntotal or template.d != d:
+            raise ValueError(f"the IVF template must be trained, empty and {d}-D")
+        index = faiss.clone_index(template)
+        if nprobe is not None:
+            faiss.extract_index_ivf(index).nprobe = int(nprobe)
     else:
         sample = x if train is None else np.ascontiguousarray(train, dtype=np.float32)
         sample = sample[valid_rows(sample)]
@@ -95,17 +105,62 @@ def build_shard(
     return index
 
 
-def save_shard(index: faiss.Index, path: str | os.PathLike) -> None:
-    """Write a shard with `faiss.write_index`, atomically (temporary file, then rename)."""
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """Make a rename or a new file in ``folder`` durable (POSIX: fsync the directory)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def durable_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """A binary file to write that appears at ``path`` only once every byte is on disk.
+
+    Writes go to ``path.tmp``; on leaving the block it is flushed, fsync'ed and closed (each step
+    checked: a full disk raises ``OSError`` here, never passes silently), renamed over ``path`` and
+    the folder fsync'ed. On any error the temporary file is removed and ``path`` is left as it was.
+    """
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    faiss.write_index(index, str(tmp))
-    os.replace(tmp, path)
+    f = open(tmp, "wb")
+    try:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
+        f.close()
+        os.replace(tmp, path)
+    except BaseException as e:
+        with suppress(OSError):
+            f.close()  # a second failure to flush does not hide the first
+        with suppress(OSError):
+            tmp.unlink()
+        if isinstance(e, OSError) and e.errno is not None and e.filename is None:  # say which file
+            raise type(e)(e.errno, e.strerror, str(path)) from e
+        raise
+    fsync_dir(path.parent)
+
+
+def save_shard(index: faiss.Index, path: str | os.PathLike) -> None:
+    """Write a shard with `faiss.write_index` through `durable_file`.
+
+    faiss's own file writer reports a failed ``fclose`` (a full disk) only on stderr; here every
+    byte goes through Python's checked writes instead, so the error is raised."""
+    with durable_file(path) as f:
+        faiss.write_index(index, faiss.PyCallbackIOWriter(f.write))
 
 
 def load_shard(path: str | os.PathLike, mmap: bool = False) -> faiss.Index:
-    """Read a shard written by `save_shard`; ``mmap`` maps its vectors instead of copying them."""
-    return faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC if mmap else 0)
+    """Read a shard written by `save_shard`; ``mmap`` maps its vectors instead of copying them.
+    A missing, truncated or damaged file raises `StoreError` naming it."""
+    from rmac.storage.store import StoreError
+
+    try:
+        return faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC if mmap else 0)
+    except RuntimeError as e:  # faiss reports every read problem as RuntimeError with a C++ trace
+        first = str(e).strip().splitlines()[-1] if str(e).strip() else "unreadable"
+        raise StoreError(f"{path}: damaged or missing FAISS shard ({first}): run `rmac index` again") from None
 
 
 def shard_entry(index: faiss.Index, file: str, start: int, stop: int, kind: str) -> dict:
@@ -114,8 +169,9 @@ def shard_entry(index: faiss.Index, file: str, start: int, stop: int, kind: str)
             "d": int(index.d), "ntotal": int(index.ntotal)}
 
 
-def write_manifest(folder: str | os.PathLike, shards: Sequence[dict], meta: dict | None = None) -> Path:
-    """Write ``folder/manifest.json`` (atomically) for shards already saved in ``folder``.
+def write_manifest(folder: str | os.PathLike, shards: Sequence[dict], meta: dict | None = None,
+                   name: str = MANIFEST) -> Path:
+    """Write ``folder/manifest.json`` (or ``folder/name``; atomically) for shards already saved in ``folder``.
 
     shards: ``{"file", "start", "stop", "kind", "d", "ntotal"}`` each, with disjoint row ranges.
     meta: free JSON-serialisable description (which array, whitening, store, ...).
@@ -142,10 +198,9 @@ def write_manifest(folder: str | os.PathLike, shards: Sequence[dict], meta: dict
         raise ValueError(f"shards disagree on the dimension: {sorted(dims)}")
     doc = {"format": FORMAT, "metric": "inner_product", "d": dims.pop() if dims else None,
            "shards": entries, "meta": meta or {}}
-    path = folder / MANIFEST
-    tmp = folder / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=1))
-    os.replace(tmp, path)
+    path = folder / name
+    with durable_file(path) as f:
+        f.write(json.dumps(doc, indent=1).encode())
     return path
 
 
@@ -154,7 +209,12 @@ class ShardedIndex:
 
     def __init__(self, folder: str | os.PathLike, nprobe: int | None = None, mmap: bool = False):
         self.folder = Path(folder)
-        doc = json.loads((self.folder / MANIFEST).read_text())
+        try:
+            doc = json.loads((self.folder / MANIFEST).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            from rmac.storage.store import StoreError
+            raise StoreError(f"{self.folder / MANIFEST}: unreadable index manifest ({e}): "
+                             "run `rmac index` again") from None
         if doc.get("format") != FORMAT:
             raise ValueError(f"{self.folder / MANIFEST}: unknown format {doc.get('format')!r}")
         self.entries: list[dict] = doc["shards"]

@@ -261,6 +261,22 @@ def read_partition(arrays_path: str | os.PathLike, p: int) -> PartitionMaps:
     return PartitionMaps(decode_partition(codes, attrs), np.asarray(attrs["image_hw"], np.int64).reshape(-1, 2))
 
 
+def chunk_file(arrays_path: str | os.PathLike, p: int) -> Path:
+    """The one chunk file of partition ``p``'s codes."""
+    return partition_path(arrays_path, p) / "c" / "0"
+
+
+def codes_digest(arrays_path: str | os.PathLike, p: int) -> str:
+    """SHA-256 (32 hex) of partition ``p``'s stored codes (decoded bytes) and their attributes."""
+    import hashlib
+    import json
+
+    arr = zarr.open_array(partition_path(arrays_path, p), mode="r")
+    h = hashlib.sha256(json.dumps(arr.attrs.asdict(), sort_keys=True).encode())
+    h.update(np.ascontiguousarray(arr[:]).tobytes())
+    return h.hexdigest()[:32]
+
+
 def create_maps_group(arrays_path: str | os.PathLike) -> None:
     zarr.open_group(Path(arrays_path) / "maps", mode="a")
 

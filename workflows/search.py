@@ -35,6 +35,8 @@ from rmac.storage.maps import PartitionCache
 from rmac.storage.store import Store, StoreError
 from rmac.workflows.extract import ModelChoice, worker_model
 from rmac.workflows.index import load_whitening, require_indexed
+from rmac.workflows.args import existing_file, finite_float, nonnegative_int, positive_int, writable_file
+from rmac.workflows.text import printable
 
 
 class QueryError(ValueError):
@@ -55,6 +57,7 @@ class SearchParams:
     s: float = 1.1
     L: int = 3
     exact: bool = False  # float integral images instead of the LUT path
+    nprobe: int | None = None  # IVF lists probed per shard (None: the shard's own)
 
 
 @dataclass
@@ -122,6 +125,15 @@ class Database:
                 raise StoreError(f"{s.path} is indexed with another whitening than {first.path}: "
                                  f"re-index it with `rmac index {s.path} --whiten-on {first.path}`")
         self._indexes: dict[str, list] = {}
+        self.scattered = None  # a ScatteredFilter once `scatter_filtering` is called
+
+    def scatter_filtering(self, client) -> "Database":
+        """Let the workers of ``client`` hold the FAISS shards and filter where they live
+        (`rmac.workflows.filtering`); the client no longer loads any shard."""
+        from rmac.workflows.filtering import ScatteredFilter
+
+        self.scattered = ScatteredFilter(client, [s.path for s in self.stores], self.offsets[:-1].tolist())
+        return self
 
     @property
     def n_images(self) -> int:
@@ -147,12 +159,14 @@ class Database:
             self._indexes[kind] = [ShardedIndex(s.path / "index" / kind) for s in self.stores]
         return self._indexes[kind]
 
-    def filter(self, kind: str, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def filter(self, kind: str, q: np.ndarray, k: int, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top ``k`` (scores, global rows) of every query row of ``q`` by cosine, best first."""
         q = np.atleast_2d(q).astype(np.float32)
+        if self.scattered is not None:
+            return self.scattered.search(kind, q, k, nprobe)
         parts_s, parts_i = [], []
         for index, off in zip(self.index(kind), self.offsets):
-            s, i = index.search(q, min(k, index.ntotal) if index.ntotal else 1)
+            s, i = index.search(q, min(k, index.ntotal) if index.ntotal else 1, nprobe=nprobe)
             parts_s.append(np.where(i >= 0, s, -np.inf))
             parts_i.append(np.where(i >= 0, i + off, -1))
         scores, ids = np.concatenate(parts_s, 1), np.concatenate(parts_i, 1)
@@ -331,7 +345,7 @@ def answer(db: Database, client, qv: QueryVectors, params: SearchParams, whiteni
     qf = qv.rmac if params.filter == "rmac" else qv.macw
     timings = {}
     t = time.perf_counter()
-    scores, rows = db.filter(kind, qf, max(k or 0, params.top_n))
+    scores, rows = db.filter(kind, qf, max(k or 0, params.top_n), params.nprobe)
     valid = rows[0] >= 0
     scores, rows = scores[0][valid], rows[0][valid]
     timings["filter_s"] = time.perf_counter() - t
@@ -380,7 +394,7 @@ def to_json(db: Database, qv: QueryVectors, ranking: Ranking, query_path: str, l
 def search(store_paths: list[str], client, query_path: str, bbox=None, params: SearchParams = SearchParams(),
            choice: ModelChoice | None = None, k: int | None = None) -> dict:
     """The whole search for one query image; returns the JSON-able result."""
-    db = Database([Store(p) for p in store_paths])
+    db = Database([Store(p) for p in store_paths]).scatter_filtering(client)
     cfg = db.stores[0].config
     if cfg.weights == "random":
         raise StoreError(f"{db.stores[0].path} holds random-weight features (benchmarks only)")
@@ -398,36 +412,65 @@ def search(store_paths: list[str], client, query_path: str, bbox=None, params: S
     return to_json(db, qv, ranking, query_path, k or params.top_n)
 
 
+def _json_out(text: str) -> str:
+    return text if text == "-" else writable_file(text)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("store", help="an indexed store")
-    parser.add_argument("query", help="the query image")
-    parser.add_argument("--bbox", type=float, nargs=4, metavar=("X1", "Y1", "X2", "Y2"),
+    parser.add_argument("query", nargs="?", help="the query image (or --queries FILE)")
+    parser.add_argument("--queries", metavar="FILE", type=existing_file,
+                        help="many queries in one job: lines `IMAGE [X1 Y1 X2 Y2]` (relative paths from the "
+                             "file's folder); answers go to --json OUT as JSON Lines, one per query")
+    parser.add_argument("--bbox", type=finite_float, nargs=4, metavar=("X1", "Y1", "X2", "Y2"),
                         help="the object's box in the query image, in pixels (default: whole image)")
     parser.add_argument("--distractors", action="append", default=[], help="more indexed stores to search")
-    parser.add_argument("--top-n", type=int, default=1000, help="images re-ranked (default %(default)s)")
+    parser.add_argument("--top-n", type=positive_int, default=1000, help="images re-ranked (default %(default)s)")
     parser.add_argument("--rerank", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--qe", type=int, default=5, help="query expansion with the top QE (0: off)")
+    parser.add_argument("--qe", type=nonnegative_int, default=5, help="query expansion with the top QE (0: off)")
     parser.add_argument("--filter", choices=("rmac", "mac"), default="rmac")
-    parser.add_argument("--show", type=int, default=20, help="hits printed / drawn (default %(default)s)")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.add_argument("--png", help="draw the query and top hits with their boxes into this PNG")
-    parser.add_argument("--html", help="write a self-contained HTML page of the hits")
+    parser.add_argument("--nprobe", type=positive_int, help="IVF lists probed per shard (indexes built with --ivf)")
+    parser.add_argument("--show", type=positive_int, default=20,
+                        help="hits printed / drawn / written per query (default %(default)s)")
+    parser.add_argument("--json", nargs="?", const="-", metavar="OUT", type=_json_out,
+                        help="JSON instead of a table, to stdout or OUT (with --queries: JSON Lines)")
+    parser.add_argument("--png", type=writable_file, help="draw the query and top hits with their boxes into this PNG")
+    parser.add_argument("--html", type=writable_file, help="write a self-contained HTML page of the hits")
 
 
 def main(args: argparse.Namespace, client) -> int:
     params = SearchParams(top_n=args.top_n, rerank=args.rerank, qe=args.qe if args.rerank else 0,
-                          filter=args.filter)
+                          filter=args.filter, nprobe=args.nprobe)
+    if args.queries or args.query is None:
+        return _main_batch(args, client, params)
     result = search([args.store, *args.distractors], client, args.query, args.bbox, params,
                     k=max(args.show, 1))
-    if args.json:
+    if args.json and args.json != "-":
+        Path(args.json).write_text(json.dumps(result, indent=1))
+        print(f"wrote {args.json}", file=sys.stderr)
+    elif args.json:
         print(json.dumps(result, indent=1))
     else:
-        print(f"query {args.query} box {result['query']['bbox']}; timings {result['timings']}")
+        print(f"query {printable(args.query)} box {result['query']['bbox']}; timings {result['timings']}")
         print(f"{'rank':>4} {'was':>4} {'score':>8}  {'box (x1 y1 x2 y2)':<26} id")
         for h in result["hits"][:args.show]:
             box = " ".join(f"{v:.0f}" for v in h["box"]) if h["box"] else "-"
-            print(f"{h['rank']:>4} {h['initial_rank']:>4} {h['score']:8.4f}  {box:<26} {h['id']}")
+            print(f"{h['rank']:>4} {h['initial_rank']:>4} {h['score']:8.4f}  {box:<26} {printable(h['id'])}")
     _pictures(result, args)
+    return 0
+
+
+def _main_batch(args: argparse.Namespace, client, params: SearchParams) -> int:
+    from rmac.workflows.queries import search_many
+
+    if args.queries is None or args.query is not None:
+        raise QueryError("give either one QUERY image or --queries FILE")
+    if args.bbox or args.png or args.html:
+        raise QueryError("--queries takes the boxes from its lines and writes JSON Lines only "
+                         "(no --bbox, --png, --html)")
+    if not args.json:
+        raise QueryError("--queries needs --json OUT (JSON Lines, one per query; `-` for stdout)")
+    search_many([args.store, *args.distractors], client, args.queries, args.json, params, k=max(args.show, 1))
     return 0
 
 

@@ -19,7 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from rmac.data import LANDMARKS_DEV
+from rmac.workflows.args import positive_int
 from rmac.workflows.bench.machine import machine
+from rmac.workflows.args import positive_int
 
 
 def replicate_store(src, dst: Path, reps: int):
@@ -203,8 +205,8 @@ def bench_search(top_n: int = 1000, n_queries: int = 5, workers=(1, 2), cold: bo
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--top-n", type=int, default=1000)
-    p.add_argument("--queries", type=int, default=5)
+    p.add_argument("--top-n", type=positive_int, default=1000)
+    p.add_argument("--queries", type=positive_int, default=5)
     p.add_argument("--workers", default="1,2", help="comma-separated worker counts (default %(default)s)")
     p.add_argument("--no-cold", action="store_true", help="skip the first query on fresh workers")
     p.add_argument("--json", dest="json_out", help="also write the figures to this JSON file")
