@@ -196,6 +196,12 @@ def rerank_rows(store: Store, jobs: list[tuple[QueryVectors, list[int]]], whiten
     and decoded once (or found in this worker's cache)."""
     c = worker_map_cache() if cache else None
     part_of = {r: store.partition_of(r) for _, rows in jobs for r in rows}
+    for p in sorted(set(part_of.values())):  # stat calls only: a deleted data file means damage
+        r = store.partition_rows(p)
+        missing = store.missing_chunks(r.start, r.stop)
+        if missing:
+            raise StoreError(f"{store.path}: data missing ({', '.join(missing[:5])}): the store is damaged; "
+                             f"run `rmac verify {store.path}`")
     parts = {p: store.read_sparse(p, c) for p in sorted(set(part_of.values()))}
     first = {p: store.partition_rows(p).start for p in parts}
     use_rmac = params.filter == "rmac"
