@@ -510,10 +510,12 @@ def _limit_file_size(limit: int):
 
 
 def test_index_on_a_full_disk_fails_and_keeps_the_previous_index(rmac_cli, dev_store, tmp_path):
-    """The FAISS shards are written by workers whose files may not exceed 48 kB (RLIMIT_FSIZE: a real
-    kernel refusal, like a full disk; the store's vector chunks fit, a new 44-row shard does not).
-    `rmac index` must fail with one line naming the file, leave every shard and manifest of the previous
-    index byte for byte, each shard whole (as many vectors as its manifest says), and no temporary file."""
+    """The FAISS shards are written by workers whose files may not exceed 128 kB (RLIMIT_FSIZE: a real
+    kernel refusal, like a full disk; the store's 16-row vector chunks fit, a new 44-row shard of
+    1280-D vectors does not). `--refit` makes it a full re-index (an indexed store would otherwise only
+    index new partitions, and there are none). `rmac index` must fail with one line naming the file,
+    leave every shard and manifest of the previous index byte for byte, each shard whole (as many
+    vectors as its manifest says), and no temporary file."""
     from conftest import CLUSTER_SCRIPT, _stop_cluster, cli_env
 
     from rmac.storage.index import load_shard
@@ -528,9 +530,9 @@ def test_index_on_a_full_disk_fails_and_keeps_the_previous_index(rmac_cli, dev_s
     try:
         out = subprocess.run(["bash", str(CLUSTER_SCRIPT), "start", str(state), "1"], env=cli_env(),
                              capture_output=True, text=True, timeout=120, check=True,
-                             preexec_fn=_limit_file_size(48 * 1024))
+                             preexec_fn=_limit_file_size(128 * 1024))
         address = out.stdout.strip().splitlines()[-1]
-        proc = rmac_cli("index", store, "--scheduler", address, scheduler_arg=False, timeout=600)
+        proc = rmac_cli("index", store, "--refit", "--scheduler", address, scheduler_arg=False, timeout=600)
         worker_log = (state / "worker1.log").read_text(errors="replace")
     finally:
         _stop_cluster(state)
