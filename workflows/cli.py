@@ -14,6 +14,7 @@ COMMANDS = {
     "demo": ("demo", True, "the whole system on the embedded photos: report + mAP table"),
     "make-views": ("views", False, "synthesise a harder benchmark: landmarks small in cluttered scenes"),
     "bench": ("bench", False, "benchmarks printed as side-by-side ratios (aml, extract, search)"),
+    "paper": ("paper", True, "every experiment of the paper on a dataset: DIR/report.md, figures, JSON"),
 }
 
 
