@@ -139,7 +139,7 @@ def pooling_pipeline(run: Run, ev: Evaluation, pooling: str, whitening: wh.White
     if whitening is None:
         source, subset = run.whitening_rows(ev)
         whitening = fit_pooled_whitening(client, source, s.L, pooling, ev.db.whitening.dim, subset)
-    w = client.scatter(whitening, broadcast=True)
+    w = client.scatter(whitening, broadcast=True, hash=False)
     V = np.zeros((st.n_images, whitening.dim), np.float32)
     for f in [client.submit(pooled_vectors, st, p, s.L, pooling, w, pure=False) for p in range(st.n_partitions)]:
         rows, vecs = f.result()
@@ -196,7 +196,7 @@ def crossmatch(run: Run, ev: Evaluation, qmaps: list[np.ndarray]) -> dict:
     q_regions = [l2n(wh.apply(w, l2n(pooled_regions(m, s.L, "max")))) for m in qmaps]
     S = np.full((len(qmaps), st.n_images), -np.inf)
     counts = []
-    wf = client.scatter(w, broadcast=True)
+    wf = client.scatter(w, broadcast=True, hash=False)
     for f in [client.submit(crossmatch_partition, st, p, s.L, wf, q_regions, pure=False)
               for p in range(st.n_partitions)]:
         rows, sc, cnt = f.result()
