@@ -20,12 +20,15 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import pickle
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
+
+import numpy as np
 
 __all__ = [
     "Box", "Query", "Dataset", "DatasetError", "UnsafePickle",
@@ -41,8 +44,9 @@ class DatasetError(ValueError):
     """A dataset folder or file is missing something or is inconsistent."""
 
 
-class UnsafePickle(pickle.UnpicklingError):
-    """A pickle asked for a global outside the allow-list of :func:`restricted_loads`."""
+class UnsafePickle(pickle.UnpicklingError, DatasetError):
+    """A pickle asked for a global outside the allow-list of :func:`restricted_loads` (a `DatasetError`
+    too: the command line reports it in one line)."""
 
 
 @dataclass
@@ -100,6 +104,28 @@ class Dataset:
             out.append(g)
         return out
 
+    def unknown_ids(self) -> list[str]:
+        """Ids the ground truth names (positives, junk, easy, hard, boxes) that are not database images,
+        sorted. A revisited query image is outside the database by design and is not counted."""
+        known = set(self.images)
+        named: set[str] = set()
+        for q in self.queries:
+            named.update(q.ok, q.junk, q.easy or [], q.hard or [], q.boxes or {})
+        return sorted(named - known)
+
+    def drop_unknown(self) -> None:
+        """Remove the `unknown_ids` from every query's ground truth."""
+        known = set(self.images)
+        for q in self.queries:
+            q.ok = [i for i in q.ok if i in known]
+            q.junk = [i for i in q.junk if i in known]
+            if q.easy is not None:
+                q.easy = [i for i in q.easy if i in known]
+            if q.hard is not None:
+                q.hard = [i for i in q.hard if i in known]
+            if q.boxes is not None:
+                q.boxes = {i: b for i, b in q.boxes.items() if i in known}
+
     def query(self, name: str) -> Query:
         """The query called ``name``."""
         for q in self.queries:
@@ -119,10 +145,31 @@ def _list_image_files(folder: Path) -> dict[str, Path]:
     return out
 
 
+def _read_text(path: Path) -> str:
+    """A ground-truth text file as UTF-8; `DatasetError` naming the file when it cannot be."""
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
+    except OSError as e:
+        raise DatasetError(f"{path}: unreadable ({e.strerror or e})") from None
+
+
 def _read_ids(path: Path) -> list[str]:
     if not path.exists():
         return []
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    return [line.strip() for line in _read_text(path).splitlines() if line.strip()]
+
+
+def _number(text: Any, where: str) -> float:
+    """A finite float from ground truth, or `DatasetError` saying where the bad value is."""
+    try:
+        v = float(text)
+    except (TypeError, ValueError):
+        raise DatasetError(f"{where}: {text!r} is not a number") from None
+    if not math.isfinite(v):
+        raise DatasetError(f"{where}: {text!r} is not a finite number")
+    return v
 
 
 def load_oxford(root: str | os.PathLike) -> Dataset:
@@ -140,7 +187,7 @@ def load_oxford(root: str | os.PathLike) -> Dataset:
     queries = []
     for qfile in sorted(gt.glob("*_query.txt")):
         qname = qfile.name[: -len("_query.txt")]
-        fields = qfile.read_text().split()
+        fields = _read_text(qfile).split()
         if len(fields) != 5:
             raise DatasetError(f"{qfile}: expected '<image> x1 y1 x2 y2', got {' '.join(fields)!r}")
         image = fields[0]
@@ -148,7 +195,7 @@ def load_oxford(root: str | os.PathLike) -> Dataset:
             image = image[len(_OXFORD_QUERY_PREFIX):]
         if image not in paths:
             raise DatasetError(f"{qfile}: query image {fields[0]!r} is not in {jpg}")
-        bbox = tuple(float(v) for v in fields[1:])
+        bbox = tuple(_number(v, str(qfile)) for v in fields[1:])
         ok = _read_ids(gt / f"{qname}_good.txt") + _read_ids(gt / f"{qname}_ok.txt")
         queries.append(Query(qname, image, bbox, ok, _read_ids(gt / f"{qname}_junk.txt")))  # type: ignore[arg-type]
     if not queries:
@@ -215,8 +262,24 @@ def restricted_loads(data: bytes) -> Any:
     return _RestrictedUnpickler(io.BytesIO(data)).load()
 
 
-def _id_list(indices: Any, names: Sequence[str]) -> list[str]:
-    return [names[int(i)] for i in (list(indices) if indices is not None else [])]
+def _id_list(indices: Any, names: Sequence[str], where: str = "gnd") -> list[str]:
+    """Image ids of ``indices`` into ``names``; `DatasetError` for anything but in-range whole numbers
+    (a negative index would otherwise silently pick an image from the end)."""
+    if indices is None:
+        return []
+    try:
+        items = list(np.asarray(indices).reshape(-1))
+    except (TypeError, ValueError):
+        raise DatasetError(f"{where}: expected a list of image indices, got {type(indices).__name__}") from None
+    out = []
+    for i in items:
+        if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)) and not (
+                isinstance(i, (float, np.floating)) and float(i).is_integer()):
+            raise DatasetError(f"{where}: image index {i!r} is not a whole number")
+        if not 0 <= int(i) < len(names):
+            raise DatasetError(f"{where}: image index {int(i)} is out of range (imlist holds {len(names)} images)")
+        out.append(names[int(i)])
+    return out
 
 
 def load_revisited(root: str | os.PathLike, name: str) -> Dataset:
@@ -230,32 +293,65 @@ def load_revisited(root: str | os.PathLike, name: str) -> Dataset:
     pkl = root / f"gnd_{name}.pkl"
     if not pkl.is_file():
         raise DatasetError(f"{pkl} not found (revisited ground truth)")
-    cfg = restricted_loads(pkl.read_bytes())
+    try:
+        cfg = restricted_loads(pkl.read_bytes())
+    except UnsafePickle as e:
+        raise UnsafePickle(f"{pkl}: {e}") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
+            KeyError, UnicodeDecodeError, MemoryError) as e:  # what a damaged pickle raises
+        raise DatasetError(f"{pkl}: not a readable ground-truth pickle ({type(e).__name__}: {e})") from None
     if not isinstance(cfg, dict) or not {"imlist", "qimlist", "gnd"} <= set(cfg):
         raise DatasetError(f"{pkl}: expected a dict with imlist, qimlist and gnd")
-    imlist = [str(i) for i in cfg["imlist"]]
-    qimlist = [str(i) for i in cfg["qimlist"]]
+    for key in ("imlist", "qimlist", "gnd"):
+        if not isinstance(cfg[key], (list, tuple, np.ndarray)):
+            raise DatasetError(f"{pkl}: {key} is a {type(cfg[key]).__name__}, expected a list")
+    imlist = [_name(i, pkl) for i in cfg["imlist"]]
+    qimlist = [_name(i, pkl) for i in cfg["qimlist"]]
     if len(cfg["gnd"]) != len(qimlist):
         raise DatasetError(f"{pkl}: {len(cfg['gnd'])} gnd entries for {len(qimlist)} queries")
     queries = []
     repeated = {i for i, n in Counter(qimlist).items() if n > 1}
     for k, (qimage, g) in enumerate(zip(qimlist, cfg["gnd"])):
-        easy, hard = _id_list(g.get("easy"), imlist), _id_list(g.get("hard"), imlist)
-        bbox = tuple(float(v) for v in list(g["bbx"]))
+        where = f"{pkl}: query {k}"
+        if not isinstance(g, dict) or "bbx" not in g:
+            raise DatasetError(f"{where}: expected a dict with bbx, easy, hard, junk")
+        easy, hard = _id_list(g.get("easy"), imlist, where), _id_list(g.get("hard"), imlist, where)
+        try:
+            bbx = list(np.asarray(g["bbx"]).reshape(-1))
+        except (TypeError, ValueError):
+            bbx = [g["bbx"]]
+        bbox = tuple(_number(v, f"{where} bbx") for v in bbx)
         if len(bbox) != 4:
-            raise DatasetError(f"{pkl}: query {k} has bbx {bbox}")
+            raise DatasetError(f"{where}: bbx needs 4 numbers, has {len(bbox)}")
         qname = f"{qimage}_{k}" if qimage in repeated else qimage
         queries.append(Query(qname, qimage, bbox, easy + hard,  # type: ignore[arg-type]
-                             _id_list(g.get("junk"), imlist), easy=easy, hard=hard))
+                             _id_list(g.get("junk"), imlist, where), easy=easy, hard=hard))
     paths = {i: root / "jpg" / f"{i}.jpg" for i in imlist + qimlist}
     return Dataset(name, root, sorted(imlist), paths, queries, revisited=True)
 
 
+def _name(v: Any, where: Path) -> str:
+    """An image name from ground truth: text (bytes decoded as UTF-8) without control characters."""
+    if isinstance(v, bytes):
+        try:
+            v = v.decode("utf-8")
+        except UnicodeDecodeError:
+            raise DatasetError(f"{where}: image name {v!r} is not UTF-8") from None
+    if not isinstance(v, (str, np.str_)):
+        raise DatasetError(f"{where}: image name {v!r} is not text")
+    v = str(v)
+    if not v or any(ord(c) < 32 or 0xD800 <= ord(c) <= 0xDFFF for c in v):
+        raise DatasetError(f"{where}: image name {v!r} is empty or holds control characters")
+    return v
+
+
 # ------------------------------------------------------------------------------------------------ JSON
-def _box(v: Any) -> Box:
-    b = tuple(float(x) for x in v)
+def _box(v: Any, where: str = "box") -> Box:
+    if not isinstance(v, (list, tuple)):
+        raise DatasetError(f"{where}: a box is a list of 4 numbers, got {v!r}")
+    b = tuple(_number(x, where) for x in v)
     if len(b) != 4:
-        raise DatasetError(f"a box needs 4 numbers, got {v!r}")
+        raise DatasetError(f"{where}: a box needs 4 numbers, got {v!r}")
     return b  # type: ignore[return-value]
 
 
@@ -301,21 +397,39 @@ def _rel(p: Path, base: Path) -> str:
 def load_json(path: str | os.PathLike) -> Dataset:
     """Read a dataset written by :func:`save_json` (or by hand, same schema)."""
     path = Path(path)
-    doc = json.loads(path.read_text())
+    try:
+        doc = json.loads(_read_text(path))
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(doc, dict):
+        raise DatasetError(f"{path}: expected a JSON object")
     for key in ("name", "images", "image_root", "queries"):
         if key not in doc:
             raise DatasetError(f"{path}: missing key {key!r}")
+    try:
+        return _from_doc(doc, path)
+    except (KeyError, TypeError, AttributeError) as e:  # a field missing or of the wrong kind
+        raise DatasetError(f"{path}: malformed dataset ({type(e).__name__}: {e}); schema in docs/views.md") from None
+
+
+def _from_doc(doc: dict, path: Path) -> Dataset:
+    def names(v: Any, what: str) -> list[str]:
+        if not isinstance(v, list):
+            raise DatasetError(f"{path}: {what} must be a list of image ids")
+        return [_name(i, path) for i in v]
+
     root = path.parent
     image_root = root / doc["image_root"]
-    images = [str(i) for i in doc["images"]]
+    images = names(doc["images"], "images")
     queries = []
-    for d in doc["queries"]:
-        easy = [str(i) for i in d["easy"]] if "easy" in d else None
-        hard = [str(i) for i in d["hard"]] if "hard" in d else None
-        ok = [str(i) for i in d["ok"]] if "ok" in d else (easy or []) + (hard or [])
-        boxes = {str(k): _box(v) for k, v in d["boxes"].items()} if "boxes" in d else None
-        queries.append(Query(str(d["name"]), str(d["image"]), _box(d["bbox"]), ok,
-                             [str(i) for i in d.get("junk", [])], easy=easy, hard=hard, boxes=boxes))
+    for k, d in enumerate(doc["queries"]):
+        where = f"{path}: query {k}"
+        easy = names(d["easy"], f"query {k} easy") if "easy" in d else None
+        hard = names(d["hard"], f"query {k} hard") if "hard" in d else None
+        ok = names(d["ok"], f"query {k} ok") if "ok" in d else (easy or []) + (hard or [])
+        boxes = {_name(b, path): _box(v, f"{where} boxes") for b, v in d["boxes"].items()} if "boxes" in d else None
+        queries.append(Query(str(d["name"]), _name(d["image"], path), _box(d["bbox"], f"{where} bbox"), ok,
+                             names(d.get("junk", []), f"query {k} junk"), easy=easy, hard=hard, boxes=boxes))
     paths = {i: image_root / f"{i}.jpg" for i in images + [q.image for q in queries]}
     paths.update({str(k): root / v for k, v in doc.get("image_paths", {}).items()})
     revisited = any(q.easy is not None for q in queries)

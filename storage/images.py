@@ -40,6 +40,10 @@ class BadImage(Exception):
         return f"{self.path}: {self.reason}: {self.detail}" if self.path else f"{self.reason}: {self.detail}"
 
 
+class ImageListError(ValueError):
+    """An image source that cannot be listed: missing, an image itself, or a list that is not UTF-8."""
+
+
 def load_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS,
                min_side: int = MIN_SIDE) -> Image.Image:
     """The image at ``path`` as an upright RGB PIL image; ``BadImage`` when it cannot be used."""
@@ -116,7 +120,7 @@ def list_images(source: str | os.PathLike) -> list[tuple[str, str]]:
     """
     src = Path(os.path.abspath(source))
     if src.suffix.lower() in IMAGE_EXTENSIONS and src.is_file():
-        raise ValueError(f"{source} is an image: pass a folder or a text file listing images")
+        raise ImageListError(f"{source} is an image: pass a folder or a text file listing images")
     if src.is_dir():
         found = {}
         for root, dirs, files in os.walk(src):
@@ -127,10 +131,18 @@ def list_images(source: str | os.PathLike) -> list[tuple[str, str]]:
                     found[path.relative_to(src).as_posix()] = str(path)
         return sorted(found.items())
     if not src.is_file():
-        raise FileNotFoundError(f"no such folder or list file: {source}")
+        raise ImageListError(f"no such folder or list file: {source}")
     base = src.parent
     found = {}
-    for line in src.read_text(encoding="utf-8").splitlines():
+    try:
+        text = src.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = e.object[:e.start].count(b"\n") + 1
+        raise ImageListError(f"{source}: line {line} is not UTF-8 text (byte 0x{e.object[e.start]:02x}); "
+                             "a list names one image path per line, in UTF-8") from None
+    except OSError as e:
+        raise ImageListError(f"{source}: unreadable ({e.strerror or e})") from None
+    for line in text.splitlines():
         entry = line.strip()
         if not entry or entry.startswith("#"):
             continue

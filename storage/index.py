@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, BinaryIO, Iterator, Sequence
 
 import faiss
 import numpy as np
@@ -95,17 +96,62 @@ def build_shard(
     return index
 
 
-def save_shard(index: faiss.Index, path: str | os.PathLike) -> None:
-    """Write a shard with `faiss.write_index`, atomically (temporary file, then rename)."""
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """Make a rename or a new file in ``folder`` durable (POSIX: fsync the directory)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def durable_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """A binary file to write that appears at ``path`` only once every byte is on disk.
+
+    Writes go to ``path.tmp``; on leaving the block it is flushed, fsync'ed and closed (each step
+    checked: a full disk raises ``OSError`` here, never passes silently), renamed over ``path`` and
+    the folder fsync'ed. On any error the temporary file is removed and ``path`` is left as it was.
+    """
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    faiss.write_index(index, str(tmp))
-    os.replace(tmp, path)
+    f = open(tmp, "wb")
+    try:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
+        f.close()
+        os.replace(tmp, path)
+    except BaseException as e:
+        with suppress(OSError):
+            f.close()  # a second failure to flush does not hide the first
+        with suppress(OSError):
+            tmp.unlink()
+        if isinstance(e, OSError) and e.errno is not None and e.filename is None:  # say which file
+            raise type(e)(e.errno, e.strerror, str(path)) from e
+        raise
+    fsync_dir(path.parent)
+
+
+def save_shard(index: faiss.Index, path: str | os.PathLike) -> None:
+    """Write a shard with `faiss.write_index` through `durable_file`.
+
+    faiss's own file writer reports a failed ``fclose`` (a full disk) only on stderr; here every
+    byte goes through Python's checked writes instead, so the error is raised."""
+    with durable_file(path) as f:
+        faiss.write_index(index, faiss.PyCallbackIOWriter(f.write))
 
 
 def load_shard(path: str | os.PathLike, mmap: bool = False) -> faiss.Index:
-    """Read a shard written by `save_shard`; ``mmap`` maps its vectors instead of copying them."""
-    return faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC if mmap else 0)
+    """Read a shard written by `save_shard`; ``mmap`` maps its vectors instead of copying them.
+    A missing, truncated or damaged file raises `StoreError` naming it."""
+    from rmac.storage.store import StoreError
+
+    try:
+        return faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC if mmap else 0)
+    except RuntimeError as e:  # faiss reports every read problem as RuntimeError with a C++ trace
+        first = str(e).strip().splitlines()[-1] if str(e).strip() else "unreadable"
+        raise StoreError(f"{path}: damaged or missing FAISS shard ({first}): run `rmac index` again") from None
 
 
 def shard_entry(index: faiss.Index, file: str, start: int, stop: int, kind: str) -> dict:
@@ -143,9 +189,8 @@ def write_manifest(folder: str | os.PathLike, shards: Sequence[dict], meta: dict
     doc = {"format": FORMAT, "metric": "inner_product", "d": dims.pop() if dims else None,
            "shards": entries, "meta": meta or {}}
     path = folder / MANIFEST
-    tmp = folder / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=1))
-    os.replace(tmp, path)
+    with durable_file(path) as f:
+        f.write(json.dumps(doc, indent=1).encode())
     return path
 
 
@@ -154,7 +199,12 @@ class ShardedIndex:
 
     def __init__(self, folder: str | os.PathLike, nprobe: int | None = None, mmap: bool = False):
         self.folder = Path(folder)
-        doc = json.loads((self.folder / MANIFEST).read_text())
+        try:
+            doc = json.loads((self.folder / MANIFEST).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            from rmac.storage.store import StoreError
+            raise StoreError(f"{self.folder / MANIFEST}: unreadable index manifest ({e}): "
+                             "run `rmac index` again") from None
         if doc.get("format") != FORMAT:
             raise ValueError(f"{self.folder / MANIFEST}: unknown format {doc.get('format')!r}")
         self.entries: list[dict] = doc["shards"]

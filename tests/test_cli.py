@@ -5,9 +5,12 @@ folders, `rmac search` output (JSON, PNG, HTML) and every kind of user error, wh
 status 2 and one line saying what is wrong — never a traceback."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -32,6 +35,7 @@ EVAL_GROUPS = ("christ", "eiffel", "tajmahal")  # 8 photos, 8 queries
 EVAL_DISTRACTORS = [f"distractor_{i:03d}" for i in range(100, 112)]
 EXTRA_DISTRACTORS = [f"distractor_{i:03d}" for i in range(120, 128)]  # the --distractors store
 METRICS = ("map", "mp@1", "mp@5", "mp@10")
+UNKNOWN_ID = "christ_99"  # named by the ground truth, not in the dataset
 
 
 def check_clean(proc) -> None:
@@ -58,6 +62,7 @@ def eval_files(dev, client, tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     ids = sorted([i for i in dev.images if group(i) in EVAL_GROUPS] + EVAL_DISTRACTORS)
     queries = [q for q in dev.queries if group(q.image) in EVAL_GROUPS]
+    queries[0] = dataclasses.replace(queries[0], ok=[*queries[0].ok, UNKNOWN_ID])  # dropped by --allow-unknown
     ds = Dataset("dev-mini", LANDMARKS_DEV, ids, {i: dev.image_paths[i] for i in ids}, queries)
     save_json(ds, root / "dev-mini.json")
     back = load_json(root / "dev-mini.json")
@@ -74,16 +79,23 @@ def evaluated(rmac_cli, eval_files):
     store's whitening as the first run left it."""
     dataset, store, dist = eval_files
     out = dataset.parent
-    plain = rmac_cli("evaluate", dataset, "--store", store, "--max-size", MAX_SIZE, "--json", out / "plain.json")
+    plain = rmac_cli("evaluate", dataset, "--store", store, "--max-size", MAX_SIZE, "--json", out / "plain.json",
+                     "--allow-unknown")
     check_clean(plain)
     assert plain.returncode == 0, plain.stderr
     w_plain = load_whitening(Store(store))
     with_d = rmac_cli("evaluate", dataset, "--store", store, "--max-size", MAX_SIZE, "--distractors", dist,
-                      "--json", out / "with-distractors.json")
+                      "--json", out / "with-distractors.json", "--allow-unknown")
     check_clean(with_d)
     assert with_d.returncode == 0, with_d.stderr
-    return (json.loads((out / "plain.json").read_text()), plain, w_plain,
-            json.loads((out / "with-distractors.json").read_text()))
+    return (strict_json(out / "plain.json"), plain, w_plain, strict_json(out / "with-distractors.json"))
+
+
+def strict_json(path) -> dict:
+    """Parse as a strict JSON parser does: NaN, Infinity and -Infinity are not JSON."""
+    def refuse(constant: str):
+        raise AssertionError(f"{path} holds {constant}")
+    return json.loads(path.read_text(), parse_constant=refuse)
 
 
 def test_evaluate_writes_the_documented_json(evaluated, eval_files, dev):
@@ -92,6 +104,9 @@ def test_evaluate_writes_the_documented_json(evaluated, eval_files, dev):
             "timings"} <= set(res)
     assert res["dataset"] == "dev-mini" and res["backbone"] == "efficientnet-lite0" and res["max_size"] == MAX_SIZE
     assert res["n_images"] == 20 and res["n_queries"] == 8
+    # the ground truth's unknown image was dropped, said once on stderr and counted
+    assert res["unknown_gt"] == 1
+    assert f"warning: dropped 1 ground-truth image(s) not in the dataset: '{UNKNOWN_ID}'" in proc.stderr
     assert set(res["methods"]) == set(METHODS) == {"mac", "rmac", "mac+aml", "rmac+aml", "rmac+aml+qe"}
     for name, m in res["methods"].items():
         assert set(m) == set(METRICS), name
@@ -262,3 +277,276 @@ def test_search_user_errors(case, rmac_cli, dev_store, mixed_extract, other_stor
     line = user_error(rmac_cli("search", *[str(a).format(**{k: str(v) for k, v in where.items()}) for a in args]))
     for w in words:
         assert w in line, (case, line)
+
+
+# ------------------------------------------------------------------------------ bad input, every class
+# Each case runs through `rmac.workflows.cli.main` as the console script does; it must end with exit
+# status 2 and exactly one line on stderr, `rmac CMD: error: ...` holding the words listed, and no traceback.
+# Placeholders: {file} an existing file, {dir} an empty folder, {missing} a path that does not exist,
+# {under_file} a path below a file, {jpg} a photo, {odd} a name with a newline, {bad} with undecodable bytes.
+PARSE_ERRORS = {
+    # numeric options out of range
+    "extract --partition-size 0": (["extract", "{dir}", "--store", "{missing}", "--partition-size", "0"],
+                                   ["--partition-size", ">= 1", "got 0"]),
+    "extract --partition-size -3": (["extract", "{dir}", "--store", "{missing}", "--partition-size", "-3"],
+                                    ["--partition-size", "got -3"]),
+    "extract --partition-size x": (["extract", "{dir}", "--store", "{missing}", "--partition-size", "x"],
+                                   ["--partition-size", "'x' is not a whole number"]),
+    "extract --levels 0": (["extract", "{dir}", "--store", "{missing}", "--levels", "0"], ["--levels", "1..255"]),
+    "extract --levels 300": (["extract", "{dir}", "--store", "{missing}", "--levels", "300"], ["--levels", "300"]),
+    "extract --max-size 0": (["extract", "{dir}", "--store", "{missing}", "--max-size", "0"], ["--max-size", "32.."]),
+    "extract --max-size -5": (["extract", "{dir}", "--store", "{missing}", "--max-size", "-5"], ["--max-size"]),
+    "extract --workers 0": (["extract", "{dir}", "--store", "{missing}", "--workers", "0"], ["--workers", ">= 1"]),
+    "extract --workers -1": (["extract", "{dir}", "--store", "{missing}", "--workers", "-1"], ["--workers"]),
+    "index --dim 0": (["index", "{dir}", "--dim", "0"], ["--dim", ">= 1"]),
+    "index --dim -4": (["index", "{dir}", "--dim", "-4"], ["--dim"]),
+    "index --shard-rows 0": (["index", "{dir}", "--shard-rows", "0"], ["--shard-rows"]),
+    "index --levels-l 0": (["index", "{dir}", "--levels-l", "0"], ["--levels-l", "1..10"]),
+    "search --top-n 0": (["search", "{dir}", "{jpg}", "--top-n", "0"], ["--top-n", ">= 1"]),
+    "search --top-n -1": (["search", "{dir}", "{jpg}", "--top-n", "-1"], ["--top-n"]),
+    "search --qe -1": (["search", "{dir}", "{jpg}", "--qe", "-1"], ["--qe", ">= 0"]),
+    "search --show 0": (["search", "{dir}", "{jpg}", "--show", "0"], ["--show"]),
+    "search --bbox nan": (["search", "{dir}", "{jpg}", "--bbox", "nan", "0", "10", "10"], ["--bbox", "finite"]),
+    "search --bbox inf": (["search", "{dir}", "{jpg}", "--bbox", "0", "0", "inf", "10"], ["--bbox", "finite"]),
+    "evaluate --top-n 0": (["evaluate", "dev", "--top-n", "0"], ["--top-n"]),
+    "evaluate --qe -2": (["evaluate", "dev", "--qe", "-2"], ["--qe"]),
+    "demo --top 0": (["demo", "--top", "0"], ["--top"]),
+    "make-views --scene-size 0": (["make-views", "dev", "{missing}", "--scene-size", "0", "600"], ["--scene-size"]),
+    "make-views --scale-range 0": (["make-views", "dev", "{missing}", "--scale-range", "0", "0.5"], ["--scale-range"]),
+    "make-views --scale-range 1.5": (["make-views", "dev", "{missing}", "--scale-range", "0.1", "1.5"],
+                                     ["--scale-range"]),
+    "make-views --scale-range min > max": (["make-views", "dev", "{missing}", "--scale-range", "0.4", "0.1"],
+                                           ["scale range", "min <= max"]),
+    "make-views --seed -1": (["make-views", "dev", "{missing}", "--seed", "-1"], ["--seed"]),
+    "bench extract --images 0": (["bench", "extract", "--images", "0"], ["--images"]),
+    "bench extract --workers 0": (["bench", "extract", "--workers", "0"], ["--workers"]),
+    "bench search --queries 0": (["bench", "search", "--queries", "0"], ["--queries"]),
+    "bench search --top-n 0": (["bench", "search", "--top-n", "0"], ["--top-n"]),
+    "bench aml --maps 0": (["bench", "aml", "--maps", "0"], ["--maps"]),
+    "bench aml --map-shape 1,2": (["bench", "aml", "--map-shape", "1,2"], ["--map-shape", "expected 3"]),
+    "bench aml --map-shape 0,2,2": (["bench", "aml", "--map-shape", "0,2,2"], ["--map-shape", "'0'"]),
+    "bench aml --steps 1,x": (["bench", "aml", "--steps", "1,x"], ["--steps", "'x'"]),
+    "bench aml --ratios 0.5": (["bench", "aml", "--ratios", "0.5"], ["--ratios"]),
+    "bench aml --zeros 1.5": (["bench", "aml", "--zeros", "1.5"], ["--zeros"]),
+    "bench aml --threads 0": (["bench", "aml", "--threads", "0"], ["--threads"]),
+    "bench quantisation --levels 0,7": (["bench", "quantisation", "--levels", "0,7"], ["--levels", "'0'"]),
+    "bench quantisation --redraws -1": (["bench", "quantisation", "--redraws", "-1"], ["--redraws", ">= 0"]),
+    "bench quantisation --top-n -1": (["bench", "quantisation", "--top-n", "-1"], ["--top-n"]),
+    # paths of the wrong kind
+    "extract missing images": (["extract", "{missing}", "--store", "{dir}"], ["images", "no such file or folder"]),
+    "extract --store is a file": (["extract", "{dir}", "--store", "{file}"], ["--store", "is a file"]),
+    "extract --store below a file": (["extract", "{dir}", "--store", "{under_file}"], ["--store", "is a file"]),
+    "extract --weights a folder": (["extract", "{dir}", "--store", "{missing}", "--weights", "{dir}"],
+                                   ["--weights", "is a folder"]),
+    "extract --weights missing": (["extract", "{dir}", "--store", "{missing}", "--weights", "{missing}"],
+                                  ["--weights", "no such file"]),
+    "index a file": (["index", "{file}"], ["store", "not a folder"]),
+    "index missing": (["index", "{missing}"], ["store", "no such folder"]),
+    "index --whiten-on a file": (["index", "{dir}", "--whiten-on", "{file}"], ["--whiten-on", "not a folder"]),
+    "search --png in a missing folder": (["search", "{dir}", "{jpg}", "--png", "{missing}/x.png"],
+                                         ["--png", "does not exist"]),
+    "search --html is a folder": (["search", "{dir}", "{jpg}", "--html", "{dir}"], ["--html", "is a folder"]),
+    "evaluate --json is a folder": (["evaluate", "dev", "--json", "{dir}"], ["--json", "is a folder"]),
+    "evaluate --distractors missing": (["evaluate", "dev", "--distractors", "{missing}"], ["--distractors"]),
+    "evaluate --whiten-on a file": (["evaluate", "dev", "--whiten-on", "{file}"], ["--whiten-on"]),
+    "evaluate --store is a file": (["evaluate", "dev", "--store", "{file}"], ["--store", "is a file"]),
+    "demo --report below a file": (["demo", "--report", "{under_file}"], ["--report", "is a file"]),
+    "demo --store is a file": (["demo", "--store", "{file}"], ["--store"]),
+    "make-views OUT is a file": (["make-views", "dev", "{file}"], ["out", "is a file"]),
+    "make-views missing SRC": (["make-views", "{missing}", "{dir}"], ["no such dataset"]),
+    "bench aml --data missing": (["bench", "aml", "--data", "{missing}"], ["--data"]),
+    # names that are not plain text
+    "extract --store with a newline": (["extract", "{dir}", "--store", "{odd}"], ["--store", "control characters"]),
+    "extract --store not UTF-8": (["extract", "{dir}", "--store", "{bad}"], ["--store", "not UTF-8"]),
+    "index a store named with a newline": (["index", "{odd}"], ["store", "control characters"]),
+    # a scheduler address that is not one
+    "--scheduler without a port": (["index", "{dir}", "--scheduler", "foo"], ["Dask scheduler", "foo", "port"]),
+    # options that do not exist or are missing
+    "search without a query": (["search", "{dir}"], ["required", "query"]),
+    "unknown subcommand": (["frobnicate"], ["invalid choice", "frobnicate"]),
+}
+
+
+@pytest.fixture
+def places(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "a-file.txt").write_text("x\n")
+    return {"file": str(tmp_path / "a-file.txt"), "dir": str(tmp_path / "empty"), "missing": str(tmp_path / "nothere"),
+            "under_file": str(tmp_path / "a-file.txt" / "sub"), "jpg": str(QUERY),
+            "odd": str(tmp_path / "new\nline"), "bad": os.fsdecode(os.fsencode(str(tmp_path)) + b"/bad\xff\xfe")}
+
+
+def run_main(capsys, argv: list[str]) -> tuple[int, str, str]:
+    """`cli.main(argv)` as the console script runs it: its exit status, stdout and stderr."""
+    from rmac.workflows import cli
+
+    try:
+        code = cli.main(argv)
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("case", list(PARSE_ERRORS))
+def test_bad_option_values_get_one_line(case, places, capsys):
+    args, words = PARSE_ERRORS[case]
+    argv = [a.format(**places) for a in args]
+    code, out, err = run_main(capsys, argv)
+    assert code == 2, (case, code, err)
+    assert "Traceback" not in err and out == "", (case, out, err)
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("rmac") and ": error: " in lines[0], err
+    for w in words:
+        assert w in lines[0], (case, lines[0])
+    assert not os.path.exists(places["missing"])  # nothing was created
+
+
+def _revisited_pkl(root, easy) -> str:
+    import pickle
+
+    root.mkdir()
+    gnd = [{"bbx": [0.0, 0.0, 10.0, 10.0], "easy": np.array(easy), "hard": np.array([], np.int64),
+            "junk": np.array([], np.int64)}]
+    (root / "gnd_r.pkl").write_bytes(pickle.dumps({"imlist": ["christ_2", "distractor_100"],
+                                                   "qimlist": ["christ_1"], "gnd": gnd}))
+    return str(root / "gnd_r.pkl")
+
+
+def _oxford_copy(root, query: bytes = b"christ_1 0 0 100 100\n", good: bytes = b"christ_2\n") -> str:
+    (root / "jpg").mkdir(parents=True)
+    (root / "gt").mkdir()
+    for i in ("christ_1", "christ_2", "distractor_100"):
+        shutil.copy(JPG / f"{i}.jpg", root / "jpg" / f"{i}.jpg")
+    (root / "gt" / "c_query.txt").write_bytes(query)
+    (root / "gt" / "c_good.txt").write_bytes(good)
+    return str(root)
+
+
+# Bad input found once the job runs (file contents, values that only make sense together), through
+# the console script against the test cluster.
+JOB_ERRORS = {
+    "extract: image list not UTF-8": (
+        lambda t: ["extract", _write(t / "list.txt", b"a.jpg\n\xff\xfe.jpg\n"), "--store", t / "s"],
+        ["list.txt", "line 2 is not UTF-8"]),
+    "extract: levels beyond exact re-ranking": (
+        lambda t: ["extract", JPG, "--store", t / "s", "--levels", "200", "--max-size", "1024"],
+        ["--levels 200", "--max-size 1024"]),
+    "evaluate: ground truth names unknown images": (
+        lambda t: ["evaluate", _oxford_copy(t / "ox", good=b"christ_2\nchrist_22\n"), "--store", t / "s"],
+        ["not in the dataset", "'christ_22'", "--allow-unknown"]),
+    "evaluate: malformed number": (
+        lambda t: ["evaluate", _oxford_copy(t / "ox", query=b"christ_1 0 0 1OO 100\n"), "--store", t / "s"],
+        ["c_query.txt", "'1OO' is not a number"]),
+    "evaluate: ground truth not UTF-8": (
+        lambda t: ["evaluate", _oxford_copy(t / "ox", good=b"christ_2\n\xe9t\xe9\n"), "--store", t / "s"],
+        ["c_good.txt", "not UTF-8"]),
+    "evaluate: revisited index out of range": (
+        lambda t: ["evaluate", _revisited_pkl(t / "rev", [5]), "--store", t / "s"],
+        ["gnd_r.pkl", "index 5 is out of range"]),
+    "evaluate: revisited negative index": (
+        lambda t: ["evaluate", _revisited_pkl(t / "rev", [-1]), "--store", t / "s"], ["index -1"]),
+    "evaluate: JSON dataset not JSON": (
+        lambda t: ["evaluate", _write(t / "d.json", b"{\"name\": "), "--store", t / "s"], ["d.json", "not valid JSON"]),
+    "evaluate: a dataset without queries": (
+        lambda t: ["evaluate", _write(t / "d.json", json.dumps({"name": "noq", "image_root": str(JPG),
+                                                                 "images": ["christ_1"], "queries": []}).encode()),
+                   "--store", t / "s"], ["noq", "0 queries", "nothing to evaluate"]),
+    "evaluate: unknown method": (
+        lambda t: ["evaluate", "dev", "--methods", "rmac,bogus", "--store", t / "s"], ["--methods", "bogus"]),
+}
+
+
+def _write(path, data: bytes):
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize("case", list(JOB_ERRORS))
+def test_bad_input_found_by_the_job_gets_one_line(case, rmac_cli, tmp_path):
+    make, words = JOB_ERRORS[case]
+    args = make(tmp_path)
+    line = user_error(rmac_cli(*args), args[0])
+    for w in words:
+        assert w in line, (case, line)
+    assert not (tmp_path / "s").exists()  # refused before a store was made
+
+
+# --------------------------------------------------------------------------------- make-views source
+@pytest.mark.parametrize("where", ["same", "inside", "around"])
+def test_make_views_never_touches_its_source(rmac_cli, tmp_path, where):
+    src = Path(_oxford_copy(tmp_path / "src"))
+    (src / "gt" / "d_query.txt").write_text("distractor_100 0 0 50 50\n")
+    before = {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+    out = {"same": src, "inside": src / "views", "around": tmp_path}[where]
+    line = user_error(rmac_cli("make-views", src, out, "--overwrite", scheduler_arg=False), "make-views")
+    assert "source folder" in line and str(out) in line
+    after = {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+    assert after == before and not (src / "views").exists()
+
+
+# --------------------------------------------------------------------------------------- Dask tasks
+def test_user_error_inside_a_dask_task_is_one_line(rmac_cli, dev_store, tmp_path):
+    """A user error raised in a task on a LocalCluster started by the command itself: the worker's
+    "Compute Failed ... Traceback" block is not printed, only the one line."""
+    (tmp_path / "text.jpg").write_text("not a JPEG\n")
+    proc = rmac_cli("search", dev_store.path, tmp_path / "text.jpg", "--workers", "1", scheduler_arg=False,
+                    timeout=600)
+    assert "Compute Failed" not in proc.stderr, proc.stderr
+    line = user_error(proc)
+    assert "query image" in line and "not_an_image" in line
+
+
+# ------------------------------------------------------------------------------------ full disk, index
+def _limit_file_size(limit: int):
+    def set_limit() -> None:
+        import resource
+        import signal
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail (EFBIG) instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return set_limit
+
+
+def test_index_on_a_full_disk_fails_and_keeps_the_previous_index(rmac_cli, dev_store, tmp_path):
+    """The FAISS shards are written by workers whose files may not exceed 48 kB (RLIMIT_FSIZE: a real
+    kernel refusal, like a full disk; the store's vector chunks fit, a new 44-row shard does not).
+    `rmac index` must fail with one line naming the file, leave every shard and manifest of the previous
+    index byte for byte, each shard whole (as many vectors as its manifest says), and no temporary file."""
+    from conftest import CLUSTER_SCRIPT, _stop_cluster, cli_env
+
+    from rmac.storage.index import load_shard
+
+    store = tmp_path / "store"
+    shutil.copytree(dev_store.path, store)
+    index = store / "index"
+    previous = {p: p.read_bytes() for k in ("rmac", "macw") for p in sorted((index / k).iterdir()) if p.is_file()}
+    manifests = [p for p in previous if p.suffix == ".json"]
+    assert manifests and any(p.suffix == ".faiss" for p in previous)
+    state = tmp_path / "limited-cluster"
+    try:
+        out = subprocess.run(["bash", str(CLUSTER_SCRIPT), "start", str(state), "1"], env=cli_env(),
+                             capture_output=True, text=True, timeout=120, check=True,
+                             preexec_fn=_limit_file_size(48 * 1024))
+        address = out.stdout.strip().splitlines()[-1]
+        proc = rmac_cli("index", store, "--scheduler", address, scheduler_arg=False, timeout=600)
+        worker_log = (state / "worker1.log").read_text(errors="replace")
+    finally:
+        _stop_cluster(state)
+    # the progress bars of the steps that ran before the failure are not messages
+    proc.stderr = "\n".join(ln for ln in proc.stderr.splitlines() if "%|" not in ln)
+    line = user_error(proc, "index")
+    assert "File too large" in line and ".faiss" in line, line
+    assert "Compute Failed" not in worker_log and "File too large" not in worker_log  # the worker kept quiet
+    assert all(p.read_bytes() == data for p, data in previous.items())
+    for m in manifests:
+        for e in json.loads(m.read_text())["shards"]:
+            assert load_shard(m.parent / e["file"]).ntotal == e["ntotal"]
+    assert not list(index.rglob("*.tmp"))
+    # with room again, the same command succeeds and the store answers
+    ok = rmac_cli("index", store)
+    check_clean(ok)
+    assert ok.returncode == 0, ok.stderr
+    found = rmac_cli("search", store, QUERY, "--json")
+    assert found.returncode == 0, found.stderr
+    assert json.loads(found.stdout)["hits"][0]["id"] == "christ_1"

@@ -9,7 +9,7 @@ from PIL import Image, ImageFile
 
 from badfiles import EXIF_STORED_SIZE, MARK, photo, write_bad_files, write_png_bomb
 from rmac.data import LANDMARKS_DEV
-from rmac.storage.images import REASONS, BadImage, list_images, load_image
+from rmac.storage.images import REASONS, BadImage, ImageListError, list_images, load_image
 
 pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 
@@ -191,7 +191,7 @@ def test_list_images_of_a_list_file(tmp_path):
         ("imgs/missing.png", str(tmp_path / "lists" / "imgs" / "missing.png")),  # kept: fails later
         ("imgs/p.jpg", str(tmp_path / "lists" / "imgs" / "p.jpg")),
     ]
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ImageListError, match="no such folder"):
         list_images(tmp_path / "nope.txt")
     with pytest.raises(ValueError, match="is an image"):
         list_images(tmp_path / "lists" / "imgs" / "p.jpg")

@@ -158,3 +158,16 @@ def test_second_run_reuses_the_stores(paper_run, client):
     res = run_paper(replace(s, sections=("table2",)), client, progress=False)
     assert {p: p.stat().st_mtime_ns for p in stamp} == stamp
     assert "Section figure3 (not selected with --sections)." in res["meta"]["missing"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--sizes", "0,1024"], "--sizes"), (["--top-ns", "a,5"], "--top-ns"), (["--qe", "-1"], "--qe"),
+    (["--sections", "table9"], "--sections"), (["--fig3-images", "0"], "--fig3-images"),
+    (["--distractors", "/no/such/store"], "--distractors")])
+def test_bad_option_values_get_one_line(args, message, capsys, tmp_path):
+    from rmac.workflows.cli import build_parser
+
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["paper", "landmarks-dev", "--out", str(tmp_path / "o"), *args])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and message in err, err

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from contextlib import ExitStack
+from typing import NoReturn
 
 # subcommand -> (module under rmac.workflows, needs a Dask client, help)
 COMMANDS = {
@@ -18,13 +20,23 @@ COMMANDS = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (``rmac CMD: error: ...``), not the usage block too.
+    Subcommand parsers inherit the class."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
+    from rmac.workflows.args import positive_int
+
     parser.add_argument("--scheduler", help="tcp://HOST:PORT of a running Dask scheduler (default: a LocalCluster)")
-    parser.add_argument("--workers", type=int, help="LocalCluster worker processes (default: one per core)")
+    parser.add_argument("--workers", type=positive_int, help="LocalCluster worker processes (default: one per core)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rmac", description=__doc__)
+    parser = Parser(prog="rmac", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, needs_client, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
@@ -35,14 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean bad input, not a bug: printed as one line, exit status 2."""
-    from rmac.storage.datasets import DatasetError
-    from rmac.storage.images import BadImage
-    from rmac.storage.store import StoreError
-    from rmac.storage.weights import WeightsNotFound
-    from rmac.workflows.search import QueryError
+    """Exceptions that mean bad input, not a bug: printed as one line, exit status 2 (OSErrors about
+    paths, permissions or space are user errors too: see `rmac.workflows.errors.is_user_error`)."""
+    from rmac.workflows.errors import user_error_types
 
-    return (StoreError, QueryError, WeightsNotFound, DatasetError, BadImage)
+    return user_error_types()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,11 +62,29 @@ def main(argv: list[str] | None = None) -> int:
         if not needs_client:
             return module.main(args)
         from rmac.workflows.cluster import get_client
+        from rmac.workflows.errors import UsageError, describe, silence_user_errors
 
-        with get_client(args.scheduler, args.workers) as client:
+        with ExitStack() as stack:
+            try:
+                client = stack.enter_context(get_client(args.scheduler, args.workers))
+            except (OSError, ValueError) as e:  # a bad address; distributed's timeouts carry no errno
+                where = args.scheduler or "a local cluster"
+                raise UsageError(f"cannot start or reach the Dask scheduler ({where}): {describe(e)}") from None
+            silence_user_errors(client)
             return module.main(args, client)
-    except user_errors() as e:
-        print(f"rmac {args.command}: error: {e}", file=sys.stderr)
+    except (*user_errors(), OSError) as e:
+        from rmac.workflows.errors import describe, is_user_error
+
+        if not is_user_error(e):
+            raise
+        print(f"rmac {args.command}: error: {describe(e)}", file=sys.stderr)
+        return 2
+    except SystemExit as e:  # `raise SystemExit("message")` in a job: the same one-line form
+        if not isinstance(e.code, str):
+            raise
+        prefix = f"rmac {args.command}: "
+        message = e.code[len(prefix):] if e.code.startswith(prefix) else e.code
+        print(f"{prefix}error: {' '.join(message.split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: finished partitions are kept; re-run the same command to resume", file=sys.stderr)

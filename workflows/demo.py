@@ -14,6 +14,7 @@ from pathlib import Path
 from rmac.data import LANDMARKS_DEV
 from rmac.workflows.evaluate import Evaluation, evaluate, print_table
 from rmac.workflows.extract import ModelChoice
+from rmac.workflows.args import creatable_file, new_or_existing_dir, positive_int
 
 DEFAULT_STORE = "stores/demo-landmarks-dev"
 DEFAULT_REPORT = "reports/demo.html"
@@ -63,9 +64,11 @@ def run_demo(client, store: str = DEFAULT_STORE, report: str = DEFAULT_REPORT, d
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--store", default=DEFAULT_STORE, help="feature store (reused; default %(default)s)")
-    parser.add_argument("--report", default=DEFAULT_REPORT, help="HTML report path (default %(default)s)")
-    parser.add_argument("--top", type=int, default=8, help="hits shown per query")
+    parser.add_argument("--store", default=DEFAULT_STORE, type=new_or_existing_dir,
+                        help="feature store (reused; default %(default)s)")
+    parser.add_argument("--report", default=DEFAULT_REPORT, type=creatable_file,
+                        help="HTML report path (default %(default)s)")
+    parser.add_argument("--top", type=positive_int, default=8, help="hits shown per query")
 
 
 def main(args: argparse.Namespace, client) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 import time
@@ -19,8 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from rmac.ops.evaluate import compute_map, compute_map_revisited, iou
-from rmac.storage.datasets import Dataset, load_dataset
+from rmac.storage.datasets import Dataset, DatasetError, load_dataset
 from rmac.storage.store import Store
+from rmac.workflows.args import existing_dir, new_or_existing_dir, nonnegative_int, positive_int, writable_file
+from rmac.workflows.errors import UsageError
 from rmac.workflows.extract import ModelChoice, add_model_arguments, extract
 from rmac.workflows.index import DEFAULT_L, build_index, load_whitening
 from rmac.workflows.search import (Database, QueryVectors, Ranking, SearchParams, answer, localise_exhaustive,
@@ -60,9 +63,12 @@ def full_ranking(rows: np.ndarray, n_db: int) -> np.ndarray:
 
 def score(ranks: np.ndarray, gnd: list[dict], revisited: bool) -> dict:
     """mAP and mean precision at 1/5/10, in percent (one entry per protocol when revisited)."""
+    def pct(v) -> float | None:  # undefined (no query with a positive) is None: JSON null, never NaN
+        v = float(v)
+        return round(100 * v, 2) if math.isfinite(v) else None
+
     def pack(m, pr):
-        return {"map": round(100 * float(m), 2),
-                **{f"mp@{k}": round(100 * float(p), 2) for k, p in zip(KAPPAS, pr)}}
+        return {"map": pct(m), **{f"mp@{k}": pct(p) for k, p in zip(KAPPAS, pr)}}
 
     if revisited:
         res = compute_map_revisited(ranks, gnd, kappas=KAPPAS)
@@ -86,11 +92,24 @@ class Evaluation:
 def evaluate(dataset: str, client, choice: ModelChoice = ModelChoice(), max_size: int = 1024,
              store: str | None = None, distractors: tuple[str, ...] = (), whiten_on: str | None = None,
              top_n: int = 1000, methods: tuple[str, ...] = tuple(METHODS), rank_depth: int = 10_000,
-             L: int = DEFAULT_L, qe: int = 5, progress: bool = True) -> Evaluation:
-    """Evaluate ``methods`` on ``dataset``; the result holds mAP in percent."""
+             L: int = DEFAULT_L, qe: int = 5, progress: bool = True, allow_unknown: bool = False) -> Evaluation:
+    """Evaluate ``methods`` on ``dataset``; the result holds mAP in percent (None where undefined: no
+    query has a positive). Ground truth naming images outside the dataset raises `DatasetError`, or
+    with ``allow_unknown`` is dropped with a warning (their number is in the result's ``unknown_gt``)."""
     if choice.random_weights:
         raise SystemExit("rmac evaluate: random weights are for speed benchmarks only")
     ds = load_dataset(dataset)
+    if not ds.queries or not ds.images:
+        raise DatasetError(f"dataset {ds.name} has {len(ds.images)} images and {len(ds.queries)} queries: "
+                           "nothing to evaluate")
+    unknown = ds.unknown_ids()
+    if unknown and not allow_unknown:
+        raise DatasetError(f"the ground truth names {len(unknown)} image(s) not in the dataset "
+                           f"{ds.name}: {_some(unknown)} (fix it, or pass --allow-unknown to drop them)")
+    if unknown:
+        print(f"rmac evaluate: warning: dropped {len(unknown)} ground-truth image(s) not in the dataset: "
+              f"{_some(unknown)}", file=sys.stderr)
+        ds.drop_unknown()
     timings: dict[str, float] = {}
     t = time.perf_counter()
     store_path = Path(store) if store else default_store(ds, choice, max_size)
@@ -150,6 +169,7 @@ def evaluate(dataset: str, client, choice: ModelChoice = ModelChoice(), max_size
     out = {
         "dataset": ds.name, "backbone": choice.backbone, "max_size": max_size, "whitening": label,
         "n_images": n_db, "n_queries": len(ds.queries), "top_n": top_n, "qe": qe, "methods": results,
+        "unknown_gt": len(unknown),
         "extract": {k: summary[k] for k in ("done", "failed", "map_bytes_per_image")},
         "timings": {k: round(v, 2) for k, v in timings.items()},
     }
@@ -179,15 +199,37 @@ def localisation(ds: Dataset, db: Database, client, qvs, reranked: list[dict], r
             "iou_exhaustive": round(100 * float(np.mean(exhaustive)), 2) if exhaustive else None}
 
 
+def _some(ids: list[str], n: int = 5) -> str:
+    return ", ".join(map(repr, ids[:n])) + (f" and {len(ids) - n} more" if len(ids) > n else "")
+
+
+def _pct(v: float | None) -> str:
+    return "   n/a" if v is None else f"{v:6.2f}"
+
+
+def to_json(res: dict) -> str:
+    """The result as strict JSON: a non-finite number anywhere is written as null, never NaN."""
+    def clean(x):
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        return x
+
+    return json.dumps(clean(res), indent=1, allow_nan=False)
+
+
 def print_table(res: dict) -> None:
     print(f"{res['dataset']}: {res['n_images']} images, {res['n_queries']} queries, {res['backbone']} "
           f"@ {res['max_size']} px; whitening: {res['whitening']}")
     for name, m in res["methods"].items():
         if "map" in m:
-            print(f"  {name:<13} mAP {m['map']:6.2f}  mP@1 {m['mp@1']:6.2f}  mP@5 {m['mp@5']:6.2f}  "
-                  f"mP@10 {m['mp@10']:6.2f}")
+            print(f"  {name:<13} mAP {_pct(m['map'])}  mP@1 {_pct(m['mp@1'])}  mP@5 {_pct(m['mp@5'])}  "
+                  f"mP@10 {_pct(m['mp@10'])}")
         else:
-            print(f"  {name:<13} " + "  ".join(f"{p} mAP {v['map']:6.2f}" for p, v in m.items()))
+            print(f"  {name:<13} " + "  ".join(f"{p} mAP {_pct(v['map'])}" for p, v in m.items()))
     if res.get("localisation"):
         loc = res["localisation"]
         print(f"  localisation IoU with true boxes: AML {loc['iou_aml']}  exhaustive {loc['iou_exhaustive']} "
@@ -196,14 +238,20 @@ def print_table(res: dict) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dataset", help="Oxford-format folder (gt/ + jpg/), revisited .pkl, or dataset .json")
-    parser.add_argument("--store", help="where the dataset's features are cached (default stores/NAME-...)")
+    parser.add_argument("--store", type=new_or_existing_dir,
+                        help="where the dataset's features are cached (default stores/NAME-...)")
     add_model_arguments(parser)
-    parser.add_argument("--distractors", action="append", default=[], help="extracted distractor store")
-    parser.add_argument("--whiten-on", help="fit whitening on this store instead of the dataset's distractors")
-    parser.add_argument("--top-n", type=int, default=1000, help="images re-ranked per query")
+    parser.add_argument("--distractors", action="append", default=[], type=existing_dir,
+                        help="extracted distractor store")
+    parser.add_argument("--whiten-on", type=existing_dir,
+                        help="fit whitening on this store instead of the dataset's distractors")
+    parser.add_argument("--top-n", type=positive_int, default=1000, help="images re-ranked per query")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of methods")
-    parser.add_argument("--qe", type=int, default=5, help="top re-ranked images merged by QE (default 5)")
-    parser.add_argument("--json", dest="json_out", help="write the result as JSON to this file")
+    parser.add_argument("--qe", type=nonnegative_int, default=5, help="top re-ranked images merged by QE (default 5)")
+    parser.add_argument("--json", dest="json_out", type=writable_file, help="write the result as JSON to this file")
+    parser.add_argument("--allow-unknown", action="store_true",
+                        help="drop ground-truth images that are not in the dataset (with a warning) instead of "
+                             "refusing the dataset")
 
 
 def main(args: argparse.Namespace, client) -> int:
@@ -211,11 +259,11 @@ def main(args: argparse.Namespace, client) -> int:
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
-        raise SystemExit(f"unknown methods {unknown}; choose from {list(METHODS)}")
+        raise UsageError(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     res = evaluate(args.dataset, client, choice, args.max_size, args.store, tuple(args.distractors),
-                   args.whiten_on, args.top_n, methods, qe=args.qe).result
+                   args.whiten_on, args.top_n, methods, qe=args.qe, allow_unknown=args.allow_unknown).result
     print_table(res)
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps(res, indent=1))
+        Path(args.json_out).write_text(to_json(res))
         print(f"wrote {args.json_out}", file=sys.stderr)
     return 0

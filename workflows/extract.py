@@ -19,8 +19,10 @@ from dask.base import tokenize
 
 from rmac.ops.pooling import mac
 from rmac.ops.quantise import quantise
-from rmac.storage.images import BadImage, list_images, load_image
+from rmac.storage.images import MIN_SIDE, BadImage, list_images, load_image
 from rmac.storage.store import Store, StoreConfig
+from rmac.workflows.args import existing_file, existing_path, int_range, new_or_existing_dir, positive_int
+from rmac.workflows.text import printable
 
 DEFAULT_BACKBONE = "efficientnet-lite0"
 DEFAULT_MAX_SIZE = 1024
@@ -95,13 +97,19 @@ def extract_partition(store: Store, p: int, choice: ModelChoice) -> dict:
 
 def store_config(choice: ModelChoice, max_size: int, partition_size: int, levels: int) -> StoreConfig:
     from rmac.ops.backbones import BACKBONES, max_map_side
+    from rmac.ops.integral import max_exact_cells
 
     if choice.backbone not in BACKBONES:
         raise SystemExit(f"unknown backbone {choice.backbone!r}; choose one of {', '.join(BACKBONES)}")
     spec = BACKBONES[choice.backbone]
+    side = max_map_side(spec, max_size)
+    if max_exact_cells(levels) < side * side:  # re-ranking's int64 integral images would overflow
+        from rmac.workflows.errors import UsageError
+        raise UsageError(f"--levels {levels} at --max-size {max_size} ({side}x{side} cells with {choice.backbone}) "
+                         f"is beyond what re-ranking sums exactly: use fewer levels or a smaller --max-size")
     weights = "random" if choice.random_weights else (Path(choice.weights).name if choice.weights else "pretrained")
     return StoreConfig(backbone=choice.backbone, channels=spec.channels, max_size=max_size,
-                       map_side=max_map_side(spec, max_size), levels=levels, partition_size=partition_size,
+                       map_side=side, levels=levels, partition_size=partition_size,
                        weights=weights)
 
 
@@ -155,31 +163,34 @@ def summarise(store: Store, seconds: float = 0.0, newly: int = 0) -> dict:
 
 
 def print_summary(summary: dict) -> None:
-    print(f"extracted {summary['done']} of {summary['images']} images into {summary['store']} "
+    print(f"extracted {summary['done']} of {summary['images']} images into {printable(summary['store'])} "
           f"({summary['partitions_run']} partitions run in {summary['seconds']} s; "
           f"{summary['map_bytes_per_image']} map bytes per image)")
     if summary["failed"]:
         print(f"{summary['failed']} failed:")
         for f in summary["failures"]:
-            print(f"  {f['id']}: {f['reason']}")
+            print(f"  {printable(f['id'])}: {printable(f['reason'])}")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("images", help="a folder of images (recursive) or a text file of image paths")
-    parser.add_argument("--store", required=True, help="the store folder (created or resumed)")
+    parser.add_argument("images", type=existing_path,
+                        help="a folder of images (recursive) or a text file of image paths")
+    parser.add_argument("--store", required=True, type=new_or_existing_dir,
+                        help="the store folder (created or resumed)")
     add_model_arguments(parser)
-    parser.add_argument("--partition-size", type=int, default=DEFAULT_PARTITION,
+    parser.add_argument("--partition-size", type=positive_int, default=DEFAULT_PARTITION,
                         help="images per task / Zarr shard (default %(default)s)")
-    parser.add_argument("--levels", type=int, default=DEFAULT_LEVELS,
+    parser.add_argument("--levels", type=int_range(1, 255), default=DEFAULT_LEVELS,
                         help="quantisation levels of the stored maps (default %(default)s)")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone", default=DEFAULT_BACKBONE, help="default %(default)s")
-    parser.add_argument("--weights", help="a local weights file (vgg16, alexnet, resnet50, resnet101)")
+    parser.add_argument("--weights", type=existing_file,
+                        help="a local weights file (vgg16, alexnet, resnet50, resnet101)")
     parser.add_argument("--random-weights", action="store_true",
                         help="random weights: for speed benchmarks only, refused by evaluation")
-    parser.add_argument("--max-size", type=int, default=DEFAULT_MAX_SIZE,
+    parser.add_argument("--max-size", type=int_range(MIN_SIDE, 65536), default=DEFAULT_MAX_SIZE,
                         help="longer image side in pixels (default %(default)s)")
 
 

@@ -198,11 +198,16 @@ def require_indexed(store: Store) -> dict:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("store", help="an extracted store")
-    parser.add_argument("--whiten-on", help="learn whitening on this other store (the paper: Oxford for Paris)")
-    parser.add_argument("--levels-l", dest="L", type=int, default=DEFAULT_L, help="R-MAC scales L (default 3)")
-    parser.add_argument("--dim", type=int, default=DEFAULT_DIM, help="whitened dimensions (default %(default)s)")
-    parser.add_argument("--shard-rows", type=int, default=DEFAULT_SHARD_ROWS, help="rows per FAISS shard")
+    from rmac.workflows.args import existing_dir, int_range, positive_int
+
+    parser.add_argument("store", type=existing_dir, help="an extracted store")
+    parser.add_argument("--whiten-on", type=existing_dir,
+                        help="learn whitening on this other store (the paper: Oxford for Paris)")
+    parser.add_argument("--levels-l", dest="L", type=int_range(1, 10), default=DEFAULT_L,
+                        help="R-MAC scales L (default 3)")
+    parser.add_argument("--dim", type=positive_int, default=DEFAULT_DIM,
+                        help="whitened dimensions (default %(default)s)")
+    parser.add_argument("--shard-rows", type=positive_int, default=DEFAULT_SHARD_ROWS, help="rows per FAISS shard")
     parser.add_argument("--ivf", action="store_true", help="IVF shards instead of exact inner product")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 

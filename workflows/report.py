@@ -33,6 +33,7 @@ from typing import Any, Iterable
 from PIL import Image, ImageDraw, ImageFont
 
 from rmac.storage.images import load_image
+from rmac.workflows.text import printable
 
 BLUE = (0, 0, 255)
 MAGENTA = (255, 0, 255)
@@ -98,11 +99,11 @@ def draw_hits_png(query: dict, hits: list[dict], out_path: str | os.PathLike, th
     Returns where each picture was placed, query first: ``(x, y, width, height)`` in the PNG.
     """
     tiles = [(query["image"], query.get("image_hw"), query.get("bbox"), BLUE, None,
-              [f"query: {query.get('name', '')}", ""])]
+              [f"query: {printable(query.get('name', ''))}", ""])]
     for h in hits:
         mark = {True: "  pos", False: "  neg"}.get(h.get("positive"), "")
         tiles.append((h["path"], h.get("image_hw"), h.get("box"), MAGENTA, h.get("positive"),
-                      [str(h.get("id", "")), f"rank {_rank_text(h, '->')}   {float(h['score']):.3f}{mark}"]))
+                      [printable(h.get("id", "")), f"rank {_rank_text(h, '->')}   {float(h['score']):.3f}{mark}"]))
     columns = max(1, columns or min(len(tiles), 6))
     line_w = max(1, round(3 * thumb / 256))   # box lines
     border = max(2, round(6 * thumb / 256))   # positive / negative frame
@@ -245,7 +246,7 @@ def _slug(name: str, taken: set[str]) -> str:
 def _hit_html(h: dict, thumb: int) -> str:
     status = _status(h)
     mark = {"positive": "✓ positive", "negative": "✗ negative"}.get(status)
-    ident = str(h.get("id", ""))
+    ident = printable(h.get("id", ""))
     attrs = (f'data-id="{html.escape(ident)}" data-rank="{h.get("rank")}" '
              f'data-initial-rank="{h.get("initial_rank")}" data-score="{float(h["score"]):.6f}"')
     caption = [f'<span class="mark {status}">{mark}</span><br>' if mark else "",
@@ -257,7 +258,7 @@ def _hit_html(h: dict, thumb: int) -> str:
 
 
 def _query_html(q: dict, slug: str, thumb: int) -> str:
-    name = str(q.get("name", ""))
+    name = printable(q.get("name", ""))
     parts = [f'<section class="query" id="q-{slug}">', f"<h2>{html.escape(name)}</h2>", '<div class="hits">',
              '<figure class="query-image">', _picture(q["image"], q.get("image_hw"), q.get("bbox"), name, thumb),
              f"<figcaption>query: {html.escape(name)}</figcaption></figure>"]
@@ -279,8 +280,8 @@ def write_html_report(out_path: str | os.PathLike, title: str, table: dict, quer
     """
     taken: set[str] = set()
     doc = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-           f"<title>{html.escape(title)}</title>", f"<style>{_css(thumb)}</style></head><body>",
-           f"<h1>{html.escape(title)}</h1>"]
+           f"<title>{html.escape(printable(title))}</title>", f"<style>{_css(thumb)}</style></head><body>",
+           f"<h1>{html.escape(printable(title))}</h1>"]
     if notes:
         doc.append(f'<p class="notes">{html.escape(notes)}</p>')
     if table:

@@ -25,6 +25,8 @@ from rmac.storage.images import BadImage, load_image
 from rmac.storage.store import Store, StoreError
 from rmac.workflows.extract import ModelChoice, worker_model
 from rmac.workflows.index import load_whitening, require_indexed
+from rmac.workflows.args import finite_float, nonnegative_int, positive_int, writable_file
+from rmac.workflows.text import printable
 
 
 class QueryError(ValueError):
@@ -305,17 +307,17 @@ def search(store_paths: list[str], client, query_path: str, bbox=None, params: S
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("store", help="an indexed store")
     parser.add_argument("query", help="the query image")
-    parser.add_argument("--bbox", type=float, nargs=4, metavar=("X1", "Y1", "X2", "Y2"),
+    parser.add_argument("--bbox", type=finite_float, nargs=4, metavar=("X1", "Y1", "X2", "Y2"),
                         help="the object's box in the query image, in pixels (default: whole image)")
     parser.add_argument("--distractors", action="append", default=[], help="more indexed stores to search")
-    parser.add_argument("--top-n", type=int, default=1000, help="images re-ranked (default %(default)s)")
+    parser.add_argument("--top-n", type=positive_int, default=1000, help="images re-ranked (default %(default)s)")
     parser.add_argument("--rerank", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--qe", type=int, default=5, help="query expansion with the top QE (0: off)")
+    parser.add_argument("--qe", type=nonnegative_int, default=5, help="query expansion with the top QE (0: off)")
     parser.add_argument("--filter", choices=("rmac", "mac"), default="rmac")
-    parser.add_argument("--show", type=int, default=20, help="hits printed / drawn (default %(default)s)")
+    parser.add_argument("--show", type=positive_int, default=20, help="hits printed / drawn (default %(default)s)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.add_argument("--png", help="draw the query and top hits with their boxes into this PNG")
-    parser.add_argument("--html", help="write a self-contained HTML page of the hits")
+    parser.add_argument("--png", type=writable_file, help="draw the query and top hits with their boxes into this PNG")
+    parser.add_argument("--html", type=writable_file, help="write a self-contained HTML page of the hits")
 
 
 def main(args: argparse.Namespace, client) -> int:
@@ -326,11 +328,11 @@ def main(args: argparse.Namespace, client) -> int:
     if args.json:
         print(json.dumps(result, indent=1))
     else:
-        print(f"query {args.query} box {result['query']['bbox']}; timings {result['timings']}")
+        print(f"query {printable(args.query)} box {result['query']['bbox']}; timings {result['timings']}")
         print(f"{'rank':>4} {'was':>4} {'score':>8}  {'box (x1 y1 x2 y2)':<26} id")
         for h in result["hits"][:args.show]:
             box = " ".join(f"{v:.0f}" for v in h["box"]) if h["box"] else "-"
-            print(f"{h['rank']:>4} {h['initial_rank']:>4} {h['score']:8.4f}  {box:<26} {h['id']}")
+            print(f"{h['rank']:>4} {h['initial_rank']:>4} {h['score']:8.4f}  {box:<26} {printable(h['id'])}")
     _pictures(result, args)
     return 0
 

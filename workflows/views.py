@@ -11,6 +11,7 @@ unchanged; queries keep their original photos and boxes. Layout and schema: docs
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import io
 import json
@@ -24,8 +25,10 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
 
-from rmac.storage.datasets import Box, Dataset, Query, load_dataset, save_json
+from rmac.storage.datasets import Box, Dataset, DatasetError, Query, load_dataset, save_json
 from rmac.storage.images import load_image  # upright RGB, as extraction sees it: boxes agree
+from rmac.workflows.args import float_range, int_range, new_or_existing_dir, nonnegative_int
+from rmac.workflows.errors import UsageError
 
 __all__ = ["ViewParams", "make_views", "add_arguments", "main", "perspective_coeffs", "random_quad",
            "render_scene", "paste_object", "object_box", "QUERY_SUFFIX"]
@@ -128,7 +131,7 @@ def render_scene(distractors: Sequence[tuple[str, Path]], size: tuple[int, int],
                  p: ViewParams) -> tuple[Image.Image, dict[str, Any]]:
     """A ``size`` scene: one distractor photo, or a mosaic of 2..max_panels distractor crops."""
     if not distractors:
-        raise ValueError("make-views needs at least one distractor image (in no query's ok/junk list)")
+        raise DatasetError("make-views needs at least one distractor image (in no query's ok/junk list)")
     W, H = size
     mosaic = rng.random() < p.mosaic_prob
     n = int(rng.integers(2, p.max_panels + 1)) if mosaic else 1
@@ -230,10 +233,28 @@ def _copy_jpeg(src: Path, dst: Path, quality: int) -> None:
         load_image(src).save(dst, "JPEG", quality=quality)
 
 
+def source_folders(ds: Dataset) -> list[Path]:
+    """Every folder a dataset is read from: its root and the folder of each of its image files."""
+    folders = {Path(ds.root).resolve()}
+    folders.update(Path(p).resolve().parent for p in ds.image_paths.values())
+    return sorted(folders)
+
+
+def check_out_apart(out: Path, ds: Dataset) -> None:
+    """Refuse an output folder that is, contains or lies inside a folder the source is read from:
+    writing (or, with overwrite, deleting) there would destroy the source."""
+    o = out.resolve()
+    for f in source_folders(ds):
+        if o == f or f.is_relative_to(o) or o.is_relative_to(f):
+            how = "is" if o == f else ("contains" if f.is_relative_to(o) else "lies inside")
+            raise UsageError(f"output folder {out} {how} the source folder {f}: choose an output apart from "
+                             "the source")
+
+
 def _prepare_out(out: Path, overwrite: bool) -> None:
     if out.exists() and any(out.iterdir()):
         if not overwrite:
-            raise FileExistsError(f"{out} is not empty (use overwrite=True / --overwrite)")
+            raise FileExistsError(errno.EEXIST, "output folder is not empty (use --overwrite)", str(out))
         for name in _MANAGED:
             target = out / name
             if target.is_dir():
@@ -259,23 +280,24 @@ def make_views(src: str | Path, out: str | Path, seed: int = 0,
     t0 = time.perf_counter()
     p = replace(ViewParams(), seed=int(seed), scale_range=(float(scale_range[0]), float(scale_range[1])), **params)
     if not 0 < p.scale_range[0] <= p.scale_range[1] < 1:
-        raise ValueError(f"scale_range must satisfy 0 < min <= max < 1, got {p.scale_range}")
+        raise UsageError(f"scale range must satisfy 0 < min <= max < 1, got {p.scale_range}")
     ds = load_dataset(src)
     out = Path(out)
+    check_out_apart(out, ds)
     _prepare_out(out, overwrite)
 
     positives = sorted({i for q in ds.queries for i in q.ok})
     listed = {i for q in ds.queries for i in q.ok + q.junk}
     missing = sorted(set(positives) - set(ds.images))
     if missing:
-        raise ValueError(f"positives not in the database: {missing[:5]}")
+        raise DatasetError(f"{len(missing)} positives are not in the database: {', '.join(missing[:5])}")
     qimages = {q.image for q in ds.queries}
     pool = [(i, ds.image_paths[i]) for i in ds.images if i not in listed and i not in qimages]
     query_copy = {i: i + QUERY_SUFFIX for i in sorted(qimages) if i in set(positives)}
     outside = sorted(qimages - set(ds.images))  # revisited: query photos are not database images
     clash = set(query_copy.values()) & set(ds.image_paths)
     if clash:
-        raise ValueError(f"query copy ids clash with existing images: {sorted(clash)[:5]}")
+        raise DatasetError(f"query copy ids clash with existing images: {sorted(clash)[:5]}")
 
     views: dict[str, dict[str, Any]] = {}
     pasted: dict[str, Box] = {}
@@ -346,11 +368,13 @@ def _copy_attribution(src_root: Path, out: Path) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``rmac make-views``."""
     parser.add_argument("src", help="source dataset: Oxford folder (gt/ + jpg/), dataset.json, or 'landmarks-dev'")
-    parser.add_argument("out", help="output folder (created; must be empty unless --overwrite)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--scale-range", type=float, nargs=2, default=(0.05, 0.40), metavar=("MIN", "MAX"),
+    parser.add_argument("out", type=new_or_existing_dir,
+                        help="output folder (created; must be empty unless --overwrite)")
+    parser.add_argument("--seed", type=nonnegative_int, default=0)
+    parser.add_argument("--scale-range", type=float_range(0, 1, lo_open=True, hi_open=True), nargs=2,
+                        default=(0.05, 0.40), metavar=("MIN", "MAX"),
                         help="area of the pasted object's box as a fraction of the scene (default 0.05 0.40)")
-    parser.add_argument("--scene-size", type=int, nargs=2, default=(800, 600), metavar=("W", "H"),
+    parser.add_argument("--scene-size", type=int_range(64, 8192), nargs=2, default=(800, 600), metavar=("W", "H"),
                         help="landscape scene size; a third of the scenes are portrait (default 800 600)")
     parser.add_argument("--overwrite", action="store_true", help="replace a previous output in OUT")
 

@@ -30,23 +30,30 @@ from rmac.ops import integral as I
 from rmac.ops.evaluate import iou_cells
 from rmac.ops.quantise import DEFAULT_CLIP, DEFAULT_LEVELS, dequantise, quantise
 from rmac.workflows.bench.machine import machine
+from rmac.storage.images import MIN_SIDE
+from rmac.workflows.args import comma_list, existing_file, existing_path, float_range, int_range, positive_int
 
 _REAL_MAPS: dict[tuple, list[dict]] = {}  # (backbone, max_size, root, weights) -> pairs, in memory only
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone", default="efficientnet-lite0", help="backbone for the real maps")
-    parser.add_argument("--weights", help="weights file for backbones without an offline package")
-    parser.add_argument("--max-size", type=int, default=1024, help="image max side for the real maps")
-    parser.add_argument("--data", help="Oxford-format dataset for the pairs (default: the embedded dev set)")
-    parser.add_argument("--levels", type=int, default=DEFAULT_LEVELS, help="quantisation levels")
-    parser.add_argument("--steps", default="1,2,3,4,5", help="search steps t")
-    parser.add_argument("--ratios", default="1.1,1.5,2.0", help="aspect-ratio thresholds s")
-    parser.add_argument("--fig3-images", type=int, default=5, help="images for the Figure-3 statistic")
-    parser.add_argument("--maps", type=int, default=1000, help="maps re-ranked in the speed test")
-    parser.add_argument("--map-shape", default="256,22,30", help="K,H,W of the speed test's maps")
-    parser.add_argument("--zeros", type=float, default=0.8, help="fraction of zeros in the speed test's maps")
-    parser.add_argument("--threads", type=int, help="threads for the multi-threaded timings (default: all)")
+    parser.add_argument("--weights", type=existing_file, help="weights file for backbones without an offline package")
+    parser.add_argument("--max-size", type=int_range(MIN_SIDE, 65536), default=1024,
+                        help="image max side for the real maps")
+    parser.add_argument("--data", type=existing_path,
+                        help="Oxford-format dataset for the pairs (default: the embedded dev set)")
+    parser.add_argument("--levels", type=int_range(1, 255), default=DEFAULT_LEVELS, help="quantisation levels")
+    parser.add_argument("--steps", type=comma_list(positive_int), default="1,2,3,4,5", help="search steps t")
+    parser.add_argument("--ratios", type=comma_list(float_range(1, 1e6)), default="1.1,1.5,2.0",
+                        help="aspect-ratio thresholds s")
+    parser.add_argument("--fig3-images", type=positive_int, default=5, help="images for the Figure-3 statistic")
+    parser.add_argument("--maps", type=positive_int, default=1000, help="maps re-ranked in the speed test")
+    parser.add_argument("--map-shape", type=comma_list(positive_int, 3), default="256,22,30",
+                        help="K,H,W of the speed test's maps")
+    parser.add_argument("--zeros", type=float_range(0, 1, hi_open=True), default=0.8,
+                        help="fraction of zeros in the speed test's maps")
+    parser.add_argument("--threads", type=positive_int, help="threads for the multi-threaded timings (default: all)")
     parser.add_argument("--skip-real", action="store_true", help="skip Table 1 and Figure 3 (no backbone)")
     parser.add_argument("--skip-speed", action="store_true", help="skip the re-ranking speed test")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of tables")

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from rmac.data import LANDMARKS_DEV
 from rmac.workflows.bench.machine import machine
+from rmac.storage.images import MIN_SIDE
+from rmac.workflows.args import int_range, positive_int
 
 
 def plain_loop(items: list[tuple[str, str]], backbone: str, max_size: int, random_weights: bool) -> float:
@@ -60,10 +62,10 @@ def bench_extract(n_images: int = 96, backbone: str = "efficientnet-lite0", max_
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--images", type=int, default=96)
+    p.add_argument("--images", type=positive_int, default=96)
     p.add_argument("--backbone", default="efficientnet-lite0")
-    p.add_argument("--max-size", type=int, default=1024)
-    p.add_argument("--workers", type=int)
+    p.add_argument("--max-size", type=int_range(MIN_SIDE, 65536), default=1024)
+    p.add_argument("--workers", type=positive_int)
     p.add_argument("--random-weights", action="store_true")
 
 

@@ -56,6 +56,8 @@ from rmac.ops.pooling import l2n, mac, regional_mac, rmac_aggregate
 from rmac.ops.quantise import DEFAULT_CLIP, dequantise, quantise
 from rmac.ops.regions import rmac_regions
 from rmac.ops.rerank import query_expansion, rerank, rescore
+from rmac.storage.images import MIN_SIDE
+from rmac.workflows.args import comma_list, existing_file, int_range, nonnegative_int, positive_int
 
 DEFAULT_LEVELS = (31, 15, 7)  # 31: the store's default; 7 (8 values): the paper's
 STORE_LEVELS = 31  # what `rmac extract` stores by default: the filtering vectors come from these maps
@@ -431,15 +433,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dataset", nargs="?", help="dataset (folder, .json, gnd_*.pkl; default: the embedded "
                                                    "landmarks-dev; e.g. the output of `rmac make-views`)")
     parser.add_argument("--backbone", default="efficientnet-lite0")
-    parser.add_argument("--weights", help="weights file for backbones without an offline package")
-    parser.add_argument("--max-size", type=int, default=1024)
-    parser.add_argument("--levels", default=",".join(map(str, DEFAULT_LEVELS)),
+    parser.add_argument("--weights", type=existing_file, help="weights file for backbones without an offline package")
+    parser.add_argument("--max-size", type=int_range(MIN_SIDE, 65536), default=1024)
+    parser.add_argument("--levels", type=comma_list(int_range(1, 255)), default=",".join(map(str, DEFAULT_LEVELS)),
                         help="quantisation level counts to compare with float32 (default %(default)s; "
                              "63 runs dequantised on the float path, slow)")
-    parser.add_argument("--top-n", type=int, default=1000, help="images re-ranked per query")
-    parser.add_argument("--queries", type=int, help="only the first QUERIES queries")
-    parser.add_argument("--distractors", type=int, help="only the first DISTRACTORS images outside the ground truth")
-    parser.add_argument("--redraws", type=int, default=DEFAULT_REDRAWS,
+    parser.add_argument("--top-n", type=positive_int, default=1000, help="images re-ranked per query")
+    parser.add_argument("--queries", type=positive_int, help="only the first QUERIES queries")
+    parser.add_argument("--distractors", type=nonnegative_int,
+                        help="only the first DISTRACTORS images outside the ground truth")
+    parser.add_argument("--redraws", type=nonnegative_int, default=DEFAULT_REDRAWS,
                         help="other 31-level quantisations (each image's step scaled by U(0.95, 1.05)): "
                              "the noise floor of the mAP differences (default %(default)s)")
     parser.add_argument("--dequantised", action="store_true",

@@ -11,6 +11,7 @@ import numpy as np
 
 from rmac.data import LANDMARKS_DEV
 from rmac.workflows.bench.machine import machine
+from rmac.workflows.args import positive_int
 
 
 def replicate_store(src, dst: Path, reps: int):
@@ -78,8 +79,8 @@ def bench_search(top_n: int = 1000, n_queries: int = 5) -> dict:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--top-n", type=int, default=1000)
-    p.add_argument("--queries", type=int, default=5)
+    p.add_argument("--top-n", type=positive_int, default=1000)
+    p.add_argument("--queries", type=positive_int, default=5)
 
 
 def run(args: argparse.Namespace) -> dict:

@@ -20,11 +20,17 @@ from rmac.workflows.paper.runner import SECTIONS, PaperSettings, Run
 RUN_ORDER = ("table1_rmac", "table1_aml", "figure3", "figure4", "table2", "ablations", "localisation")
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+def _ints(minimum: int):
+    """A comma-separated list of whole numbers >= ``minimum``, as a tuple."""
+    from rmac.workflows.args import comma_list, nonnegative_int, positive_int
+
+    check = comma_list(positive_int if minimum >= 1 else nonnegative_int)
+
+    def parse(text: str) -> tuple[int, ...]:
+        return tuple(int(v) for v in check(text).split(",") if v.strip())
+
+    parse.__name__ = "comma-separated whole numbers"
+    return parse
 
 
 def _sections(text: str) -> tuple[str, ...]:
@@ -75,22 +81,26 @@ def run_paper(settings: PaperSettings, client, progress: bool = True) -> dict:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from rmac.workflows.args import existing_dir, existing_path, new_or_existing_dir, nonnegative_int, positive_int
     from rmac.workflows.extract import add_model_arguments
 
     parser.add_argument("dataset", help="Oxford-format folder (gt/ + jpg/), revisited .pkl, dataset .json, or "
                                         "landmarks-dev")
-    parser.add_argument("--out", required=True, help="output folder: report.md, paper/*.png, results.json, cache/")
+    parser.add_argument("--out", required=True, type=new_or_existing_dir,
+                        help="output folder: report.md, paper/*.png, results.json, cache/")
     add_model_arguments(parser)
-    parser.add_argument("--whiten-on", help="fit whitening on this store or dataset (the paper: Paris for Oxford)")
-    parser.add_argument("--distractors", action="append", default=[],
+    parser.add_argument("--whiten-on", type=existing_path,
+                        help="fit whitening on this store or dataset (the paper: Paris for Oxford)")
+    parser.add_argument("--distractors", action="append", default=[], type=existing_dir,
                         help="extracted distractor store (repeatable): Figure 4 and Table 2 with distractors")
-    parser.add_argument("--sizes", type=_ints, default=(724, 1024), help="input sizes of Table 1 (right)")
-    parser.add_argument("--levels", type=_ints, default=(1, 2, 3, 4), help="R-MAC L of Table 1 (right)")
-    parser.add_argument("--top-ns", type=_ints, default=(0, 50, 100, 200, 500, 1000),
+    parser.add_argument("--sizes", type=_ints(1), default=(724, 1024), help="input sizes of Table 1 (right)")
+    parser.add_argument("--levels", type=_ints(1), default=(1, 2, 3, 4), help="R-MAC L of Table 1 (right)")
+    parser.add_argument("--top-ns", type=_ints(0), default=(0, 50, 100, 200, 500, 1000),
                         help="re-ranked N of Figure 4; the largest is the N of Table 2")
-    parser.add_argument("--qe", type=int, default=5, help="top re-ranked images merged by QE")
-    parser.add_argument("--fig3-images", type=int, default=10, help="images of Figure 3")
-    parser.add_argument("--cache", help="where the extracted stores are kept (default OUT/cache)")
+    parser.add_argument("--qe", type=nonnegative_int, default=5, help="top re-ranked images merged by QE")
+    parser.add_argument("--fig3-images", type=positive_int, default=10, help="images of Figure 3")
+    parser.add_argument("--cache", type=new_or_existing_dir,
+                        help="where the extracted stores are kept (default OUT/cache)")
     parser.add_argument("--sections", type=_sections, default=SECTIONS,
                         help=f"comma-separated subset of {','.join(SECTIONS)}")
 
@@ -98,12 +108,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def settings_from_args(args: argparse.Namespace) -> PaperSettings:
     from rmac.workflows.extract import ModelChoice
 
-    for name in ("sizes", "levels", "top_ns"):
-        vals = getattr(args, name)
-        if not vals or min(vals) < (0 if name == "top_ns" else 1):
-            raise SystemExit(f"rmac paper: --{name.replace('_', '-')} needs positive values, got {vals}")
-    if args.fig3_images < 1 or args.qe < 0:
-        raise SystemExit("rmac paper: --fig3-images must be >= 1 and --qe >= 0")
     s = PaperSettings(args.dataset, args.out, ModelChoice(args.backbone, args.weights, args.random_weights),
                       max_size=args.max_size, sizes=args.sizes, levels=args.levels, top_ns=args.top_ns, qe=args.qe,
                       fig3_images=args.fig3_images, whiten_on=args.whiten_on, distractors=tuple(args.distractors),
