@@ -171,3 +171,21 @@ def test_bad_option_values_get_one_line(args, message, capsys, tmp_path):
         build_parser().parse_args(["paper", "landmarks-dev", "--out", str(tmp_path / "o"), *args])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1 and message in err, err
+
+
+def test_bench_table1_takes_stored_uint8_maps_as_it_quantises_float_ones():
+    """`rmac bench aml`'s table1 (reused by Table 1 left) gives the same rows on float maps and on the
+    same maps quantised beforehand, as a store holds them; region_cosines' LUT path likewise."""
+    from rmac.ops.quantise import quantise
+    from rmac.workflows.bench.aml import region_cosines, synthetic_maps, table1
+
+    maps = next(synthetic_maps(3, K=16, H=7, W=9, zeros=0.7, seed=1))
+    rng = np.random.default_rng(0)
+    pairs = [{"q_mac": rng.random(16).astype(np.float32), "aspect": a, "maps": m}
+             for a, m in zip((0.8, 1.0, 1.6), maps)]
+    stored = [{**p, "maps": quantise(p["maps"])[0]} for p in pairs]
+    a, b = table1(pairs, (1, 3), (1.1, 2.0)), table1(stored, (1, 3), (1.1, 2.0))
+    for ra, rb in zip(a["rows"], b["rows"]):
+        assert (ra["iou"], ra["pct_windows"], ra["mean_score_gap"]) == (rb["iou"], rb["pct_windows"], rb["mean_score_gap"])
+    x = maps[0]
+    np.testing.assert_array_equal(region_cosines(x, path="lut"), region_cosines(x, path="lut", q=quantise(x)[0]))
