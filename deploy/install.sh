@@ -15,6 +15,11 @@ if [ "${1:-}" = "--test" ]; then
         (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
             || echo "install.sh: could not install chromium; the browser test will fail" >&2
     fi
+    # `docker-compose config` validates deploy/docker-compose.yml (tests/test_deploy.py); no daemon needed
+    if ! command -v docker-compose >/dev/null 2>&1 && ! docker compose version >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+        (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null) \
+            || echo "install.sh: could not install docker-compose; the compose test will fail" >&2
+    fi
 else
     pip install -e .
 fi

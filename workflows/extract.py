@@ -54,11 +54,15 @@ def image_features(model, spec, image, max_size: int) -> np.ndarray:
     return activations(model, spec, image, max_size=max_size)
 
 
-def extract_partition(store: Store, p: int, choice: ModelChoice) -> dict:
-    """Extract partition ``p`` of ``store`` and write it; returns its counts. Idempotent."""
+def extract_partition(store: Store, p: int, choice: ModelChoice, device: str = "cpu") -> dict:
+    """Extract partition ``p`` of ``store`` and write it; returns its counts. Idempotent. ``device``:
+    auto, cpu or cuda (see `rmac.workflows.device`)."""
+    from rmac.workflows.device import iter_features, model_on, worker_device
+
     if p in store.done_partitions():
         return {"partition": p, "done": 0, "failed": 0, "skipped": len(store.partition_rows(p))}
-    model, spec = worker_model(choice)
+    device = worker_device(device)
+    model, spec = model_on(choice, device)
     cfg = store.config
     rows = store.partition_rows(p)
     n, K, S = len(rows), cfg.channels, cfg.map_side
@@ -68,11 +72,13 @@ def extract_partition(store: Store, p: int, choice: ModelChoice) -> dict:
     map_hw = np.zeros((n, 2), np.int32)
     image_hw = np.zeros((n, 2), np.int32)
     records = []
+    features = iter_features(model, spec, [store.paths[row] for row in rows], cfg.max_size, device)
     for i, row in enumerate(rows):
         rec = {"id": store.ids[row], "path": store.paths[row], "status": "done", "reason": None}
         try:
-            image = load_image(store.paths[row])
-            x = image_features(model, spec, image, cfg.max_size)
+            image, x, error = next(features)
+            if error is not None:
+                raise error
         except BadImage as e:
             rec.update(status="failed", reason=f"{e.reason}: {e.detail}")
             records.append(rec)
@@ -113,20 +119,61 @@ def store_config(choice: ModelChoice, max_size: int, partition_size: int, levels
                        weights=weights)
 
 
+def _config_task(choice: ModelChoice, max_size: int, partition_size: int, levels: int,
+                 device: str) -> StoreConfig | str:
+    from rmac.workflows.device import worker_device
+    from rmac.workflows.errors import UsageError
+
+    try:
+        worker_device(device)
+        return store_config(choice, max_size, partition_size, levels)
+    except (SystemExit, RuntimeError, UsageError) as e:  # one line for the user; never SystemExit in a worker
+        return str(e.code if isinstance(e, SystemExit) else e)
+
+
+def _warm_up(choice: ModelChoice, device: str) -> None:
+    from rmac.workflows.device import model_on, worker_device
+
+    try:
+        model_on(choice, worker_device(device))
+    except Exception:  # the partition tasks report it properly
+        pass
+
+
+def start_workers(client, choice: ModelChoice, max_size: int, partition_size: int,
+                  levels: int, device: str = "cpu") -> tuple[StoreConfig, list]:
+    """The store configuration, computed on a worker, and warm-up futures loading the model on every worker.
+
+    Start-up: the configuration needs the backbone table, i.e. torch, which the client itself never needs;
+    a worker imports it anyway. Each worker then loads its model while the client lists and opens the
+    store, instead of in its first partition. Keep the futures until the partitions are submitted."""
+    cfg = client.submit(_config_task, choice, max_size, partition_size, levels, device, pure=False, priority=10)
+    workers = list(client.scheduler_info()["workers"])
+    warm = [client.submit(_warm_up, choice, device, workers=[w], allow_other_workers=False, pure=False, priority=5)
+            for w in workers]
+    got = cfg.result()
+    if isinstance(got, str):
+        from rmac.workflows.errors import UsageError
+
+        raise UsageError(got)
+    return got, warm
+
+
 def extract(source: str | list[tuple[str, str]], store_path: str, client, choice: ModelChoice = ModelChoice(),
             max_size: int = DEFAULT_MAX_SIZE, partition_size: int = DEFAULT_PARTITION,
-            levels: int = DEFAULT_LEVELS, progress: bool = True) -> dict:
+            levels: int = DEFAULT_LEVELS, progress: bool = True, device: str = "auto") -> dict:
     """Extract every image of ``source`` (a folder, a list file, or (id, path) pairs) into the store at
-    ``store_path``; resumes a partial store and skips a finished one."""
+    ``store_path``; resumes a partial store and skips a finished one. ``device``: auto, cpu or cuda."""
     items = list_images(source) if isinstance(source, (str, Path)) else list(source)
     if not items:
         raise SystemExit(f"rmac extract: no images found in {source}")
     ids, paths = zip(*items)
-    store = Store.open_or_create(store_path, ids, paths, store_config(choice, max_size, partition_size, levels))
-    return run_partitions(store, client, choice, progress=progress)
+    config, _warm = start_workers(client, choice, max_size, partition_size, levels, device)
+    store = Store.open_or_create(store_path, ids, paths, config)
+    return run_partitions(store, client, choice, progress=progress, device=device)
 
 
-def run_partitions(store: Store, client, choice: ModelChoice, progress: bool = True) -> dict:
+def run_partitions(store: Store, client, choice: ModelChoice, progress: bool = True, device: str = "cpu") -> dict:
     """Submit every pending partition of ``store``, wait, and summarise the whole store."""
     from distributed import as_completed
     from tqdm import tqdm
@@ -134,7 +181,7 @@ def run_partitions(store: Store, client, choice: ModelChoice, progress: bool = T
     t0 = time.perf_counter()
     pending = store.pending_partitions()
     tag = tokenize(str(store.path.resolve()))  # two stores named alike on one scheduler must not clash
-    futures = [client.submit(extract_partition, store, p, choice, key=f"extract-{tag}-{p}",
+    futures = [client.submit(extract_partition, store, p, choice, device, key=f"extract-{tag}-{p}",
                              retries=2, pure=False) for p in pending]
     bar = tqdm(total=len(futures), desc="extract", unit="part", disable=not progress, file=sys.stderr)
     try:
@@ -182,6 +229,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="images per task / Zarr shard (default %(default)s)")
     parser.add_argument("--levels", type=int_range(1, 255), default=DEFAULT_LEVELS,
                         help="quantisation levels of the stored maps (default %(default)s)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="where workers run the network: cpu (one image at a time), cuda (same-size images "
+                             "batched), auto (a worker's GPU when it sees one); default %(default)s")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -196,7 +246,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace, client) -> int:
     choice = ModelChoice(args.backbone, args.weights, args.random_weights)
-    summary = extract(args.images, args.store, client, choice, args.max_size, args.partition_size, args.levels)
+    summary = extract(args.images, args.store, client, choice, args.max_size, args.partition_size, args.levels,
+                      device=args.device)
     print_summary(summary)
     if getattr(args, "json", None):
         import json

@@ -25,7 +25,7 @@ from rmac.storage.images import BadImage, load_image
 from rmac.storage.store import Store, StoreError
 from rmac.workflows.extract import ModelChoice, worker_model
 from rmac.workflows.index import load_whitening, require_indexed
-from rmac.workflows.args import finite_float, nonnegative_int, positive_int, writable_file
+from rmac.workflows.args import existing_file, finite_float, nonnegative_int, positive_int, writable_file
 from rmac.workflows.text import printable
 
 
@@ -304,9 +304,16 @@ def search(store_paths: list[str], client, query_path: str, bbox=None, params: S
     return to_json(db, qv, ranking, query_path, k or params.top_n)
 
 
+def _json_out(text: str) -> str:
+    return text if text == "-" else writable_file(text)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("store", help="an indexed store")
-    parser.add_argument("query", help="the query image")
+    parser.add_argument("query", nargs="?", help="the query image (or --queries FILE)")
+    parser.add_argument("--queries", metavar="FILE", type=existing_file,
+                        help="many queries in one job: lines `IMAGE [X1 Y1 X2 Y2]` (relative paths from the "
+                             "file's folder); answers go to --json OUT as JSON Lines, one per query")
     parser.add_argument("--bbox", type=finite_float, nargs=4, metavar=("X1", "Y1", "X2", "Y2"),
                         help="the object's box in the query image, in pixels (default: whole image)")
     parser.add_argument("--distractors", action="append", default=[], help="more indexed stores to search")
@@ -314,8 +321,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rerank", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--qe", type=nonnegative_int, default=5, help="query expansion with the top QE (0: off)")
     parser.add_argument("--filter", choices=("rmac", "mac"), default="rmac")
-    parser.add_argument("--show", type=positive_int, default=20, help="hits printed / drawn (default %(default)s)")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--show", type=positive_int, default=20,
+                        help="hits printed / drawn / written per query (default %(default)s)")
+    parser.add_argument("--json", nargs="?", const="-", metavar="OUT", type=_json_out,
+                        help="JSON instead of a table, to stdout or OUT (with --queries: JSON Lines)")
     parser.add_argument("--png", type=writable_file, help="draw the query and top hits with their boxes into this PNG")
     parser.add_argument("--html", type=writable_file, help="write a self-contained HTML page of the hits")
 
@@ -323,9 +332,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace, client) -> int:
     params = SearchParams(top_n=args.top_n, rerank=args.rerank, qe=args.qe if args.rerank else 0,
                           filter=args.filter)
+    if args.queries or args.query is None:
+        return _main_batch(args, client, params)
     result = search([args.store, *args.distractors], client, args.query, args.bbox, params,
                     k=max(args.show, 1))
-    if args.json:
+    if args.json and args.json != "-":
+        Path(args.json).write_text(json.dumps(result, indent=1))
+        print(f"wrote {args.json}", file=sys.stderr)
+    elif args.json:
         print(json.dumps(result, indent=1))
     else:
         print(f"query {printable(args.query)} box {result['query']['bbox']}; timings {result['timings']}")
@@ -334,6 +348,20 @@ def main(args: argparse.Namespace, client) -> int:
             box = " ".join(f"{v:.0f}" for v in h["box"]) if h["box"] else "-"
             print(f"{h['rank']:>4} {h['initial_rank']:>4} {h['score']:8.4f}  {box:<26} {printable(h['id'])}")
     _pictures(result, args)
+    return 0
+
+
+def _main_batch(args: argparse.Namespace, client, params: SearchParams) -> int:
+    from rmac.workflows.queries import search_many
+
+    if args.queries is None or args.query is not None:
+        raise QueryError("give either one QUERY image or --queries FILE")
+    if args.bbox or args.png or args.html:
+        raise QueryError("--queries takes the boxes from its lines and writes JSON Lines only "
+                         "(no --bbox, --png, --html)")
+    if not args.json:
+        raise QueryError("--queries needs --json OUT (JSON Lines, one per query; `-` for stdout)")
+    search_many([args.store, *args.distractors], client, args.queries, args.json, params, k=max(args.show, 1))
     return 0
 
 
