@@ -161,7 +161,8 @@ def _table1_rmac(t: dict) -> list[str]:
 def _figure3(f3: dict, figs: list[str]) -> list[str]:
     err, cos = f3["error"], f3["cosine"]
     a10 = next((a for a in err["alphas"] if a == 10), err["alphas"][0])
-    small, large = err["bins"][0], err["bins"][-1]
+    small = next((b for b in err["bins"] if b["cells_lo"] >= 2), err["bins"][0])  # 1 cell: f~ = f exactly
+    large = err["bins"][-1]
     lines = ["## Figure 3: the generalised mean as an approximation of the maximum", "",
              f"![Figure 3 (middle)]({FIG_DIR}/{figs[0]})", "",
              f"*Figure 3 (middle).* Mean relative error of f̃ = (Σ x^α)^(1/α) against the maximum, per α, "
