@@ -55,6 +55,7 @@ def build_shard(
     valid: np.ndarray | None = None,
     train: np.ndarray | None = None,
     nprobe: int | None = None,
+    template: faiss.Index | None = None,
 ) -> faiss.Index:
     """Index rows ``start .. start+len(vectors)`` of a vector array by inner product.
 
@@ -63,6 +64,8 @@ def build_shard(
     kind: "flat" (exact, `IndexIDMap(IndexFlatIP)`) or "ivf" (`IndexIVFFlat`, spherical k-means
     trained on ``train`` if given, e.g. a sample shared by all shards, else on the shard itself;
     ``nlist`` defaults to `default_nlist` of the training size; ``nprobe`` is stored in the shard).
+    template: an already trained, empty IVF index (trained once on a sample of the whole array, see
+    `rmac.workflows.ivf`): the shard is a copy of it with its rows added, so all shards share lists.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -79,6 +82,12 @@ def build_shard(
 
     if kind == "flat":
         index = faiss.IndexIDMap(faiss.IndexFlatIP(d))
+    elif template is not None:
+        if not template.is_trained or template.ntotal or template.d != d:
+            raise ValueError(f"the IVF template must be trained, empty and {d}-D")
+        index = faiss.clone_index(template)
+        if nprobe is not None:
+            faiss.extract_index_ivf(index).nprobe = int(nprobe)
     else:
         sample = x if train is None else np.ascontiguousarray(train, dtype=np.float32)
         sample = sample[valid_rows(sample)]
@@ -160,8 +169,9 @@ def shard_entry(index: faiss.Index, file: str, start: int, stop: int, kind: str)
             "d": int(index.d), "ntotal": int(index.ntotal)}
 
 
-def write_manifest(folder: str | os.PathLike, shards: Sequence[dict], meta: dict | None = None) -> Path:
-    """Write ``folder/manifest.json`` (atomically) for shards already saved in ``folder``.
+def write_manifest(folder: str | os.PathLike, shards: Sequence[dict], meta: dict | None = None,
+                   name: str = MANIFEST) -> Path:
+    """Write ``folder/manifest.json`` (or ``folder/name``; atomically) for shards already saved in ``folder``.
 
     shards: ``{"file", "start", "stop", "kind", "d", "ntotal"}`` each, with disjoint row ranges.
     meta: free JSON-serialisable description (which array, whitening, store, ...).
@@ -188,7 +198,7 @@ def write_manifest(folder: str | os.PathLike, shards: Sequence[dict], meta: dict
         raise ValueError(f"shards disagree on the dimension: {sorted(dims)}")
     doc = {"format": FORMAT, "metric": "inner_product", "d": dims.pop() if dims else None,
            "shards": entries, "meta": meta or {}}
-    path = folder / MANIFEST
+    path = folder / name
     with durable_file(path) as f:
         f.write(json.dumps(doc, indent=1).encode())
     return path

@@ -2,21 +2,27 @@
 
 Layout (one folder; see docs/architecture.md)::
 
-    STORE/manifest.json      backbone, max_size, channels, levels, partition size, image count
-    STORE/ids.json           ordered image ids and their source paths
-    STORE/parts/p000012.json per-partition records, written last by the partition's task (its done marker)
-    STORE/arrays/            Zarr v3 group: mac, maps (sharded per partition), scale, map_hw, image_hw,
+    STORE/manifest.json      format 2, configuration, segments (what each growth added), committed index
+    STORE/ids/p000012.json   partition 12's image ids, source paths (a task reads only its own)
+    STORE/parts/p000012.json partition 12's records + checksums, written last by its task (done marker)
+    STORE/arrays/            Zarr v3 group: mac, maps (sharded per partition), scale, map_hw, image_hw, ok,
                              and after indexing rmac, macw
-    STORE/whitening/         Zarr group: mean, proj, eigvals (+ attrs)
+    STORE/whitening/         Zarr group: mean, proj, eigvals (+ attrs, with the content hash ``id``)
+    STORE/index/             FAISS shards (storage/index.py) and per-partition vector checksums
+    STORE/runs.jsonl         one line per extract / index run
+    STORE/lock               the writer lock (storage/lock.py)
 
-Partition ``p`` owns rows ``[p*P, (p+1)*P)`` of every array: each Zarr chunk or shard is written by
-exactly one task, so workers never contend. Nothing here is pickled.
+Partition ``p`` owns rows ``[p*P, p*P + n_p)`` of every array (``n_p <= P``; a store that grew has a
+partly filled partition before each growth, whose remaining rows stay empty): each Zarr chunk or shard
+is written by exactly one task, so workers never contend. Nothing here is pickled.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -25,7 +31,9 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
 
-FORMAT_VERSION = 1
+from rmac.storage import checksums, ids as id_tables
+
+FORMAT_VERSION = 2
 # Zero-heavy uint8 maps with few levels: bit-shuffling groups the mostly-zero high bits, zstd does the rest.
 MAPS_CODEC = BloscCodec(cname="zstd", clevel=5, shuffle=BloscShuffle.bitshuffle)
 VECTOR_CODEC = BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.shuffle)
@@ -53,91 +61,193 @@ class StoreConfig:
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON so that a reader sees the old file or the whole new one, never a torn one."""
+    """Write JSON so that a reader sees the old file or the whole new one, never a torn one; fsync'd."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+# Arrays written by `rmac index`, not by extraction (their checksums live with the index).
+INDEX_ARRAYS = ("rmac", "macw")
+RUN_LOG = "runs.jsonl"
 
 
 class Store:
-    """A handle on a store folder. Cheap to create; safe to send to Dask workers (it is just a path)."""
+    """A handle on a store folder. Cheap to create; safe to send to Dask workers (it is just a path).
+
+    Opening reads only ``manifest.json``; the whole id table (``ids``, ``paths``) is read on first use,
+    which the client does and tasks do not (they use `partition_ids`)."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         manifest = self.path / "manifest.json"
         if not manifest.is_file():
             raise StoreError(f"{self.path} is not an rmac store (no manifest.json): run `rmac extract` first")
-        self.manifest: dict = json.loads(manifest.read_text())
+        try:
+            self.manifest: dict = json.loads(manifest.read_text())
+        except ValueError as e:
+            raise StoreError(f"{manifest} is not valid JSON ({e}): the store is damaged") from None
+        if self.manifest.get("format") == FORMAT_VERSION and \
+                self.manifest.get("checksum") != _manifest_checksum(self.manifest):
+            raise StoreError(f"{manifest} does not match its checksum (edited or damaged): "
+                             "run `rmac verify` on the store")
         if self.manifest.get("format") != FORMAT_VERSION:
-            raise StoreError(f"{self.path}: store format {self.manifest.get('format')} is not {FORMAT_VERSION}")
-        table = json.loads((self.path / "ids.json").read_text())
-        self.ids: list[str] = table["ids"]
-        self.paths: list[str] = table["paths"]
-        self.config = StoreConfig(**self.manifest["config"])
+            raise StoreError(
+                f"{self.path}: store format {self.manifest.get('format')} is not {FORMAT_VERSION}: this version "
+                "of rmac cannot read it; extract the images again into a new --store")
+        try:
+            self.config = StoreConfig(**self.manifest["config"])
+            self.segments: list[list[int]] = [[int(a), int(b)] for a, b in self.manifest["segments"]]
+        except (KeyError, TypeError, ValueError) as e:
+            raise StoreError(f"{manifest} is damaged ({type(e).__name__}: {e})") from None
+        self._table: tuple[list, list] | None = None
+
+    def reload(self) -> None:
+        """Read the manifest again (another process may have changed the store)."""
+        self.__init__(self.path)
 
     def __reduce__(self):  # ship the path, not the open arrays
         return (Store, (str(self.path),))
 
     # -- creation -------------------------------------------------------------------------------
     @classmethod
-    def create(cls, path: str | os.PathLike, ids: Sequence[str], paths: Sequence[str],
-               config: StoreConfig) -> "Store":
-        """Create an empty store for ``ids`` (rows in this order)."""
+    def create_empty(cls, path: str | os.PathLike, config: StoreConfig) -> "Store":
+        """Create a store holding no image, atomically: it is built in a temporary folder beside
+        ``path`` and renamed into place. When another process created it first, that store is opened
+        (and must match ``config``)."""
         path = Path(path)
         if (path / "manifest.json").exists():
+            return cls.open_matching(path, config)
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise StoreError(f"{path} exists and is not an rmac store: choose another --store")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.creating-"))
+        try:
+            P, K, S = config.partition_size, config.channels, config.map_side
+            group = zarr.open_group(tmp / "arrays", mode="w")
+            rows = 0
+            group.create_array("mac", shape=(rows, K), chunks=(P, K), dtype="float32", fill_value=0.0,
+                               compressors=VECTOR_CODEC)
+            group.create_array("maps", shape=(rows, K, S, S), chunks=(1, K, S, S), shards=(P, K, S, S),
+                               dtype="uint8", fill_value=0, compressors=MAPS_CODEC)
+            group.create_array("scale", shape=(rows,), chunks=(P,), dtype="float32", fill_value=0.0)
+            group.create_array("map_hw", shape=(rows, 2), chunks=(P, 2), dtype="int32", fill_value=0)
+            group.create_array("image_hw", shape=(rows, 2), chunks=(P, 2), dtype="int32", fill_value=0)
+            group.create_array("ok", shape=(rows,), chunks=(P,), dtype="bool", fill_value=False)
+            for sub in ("parts", id_tables.FOLDER):
+                (tmp / sub).mkdir()
+            _write_json_atomic(tmp / "manifest.json", _with_checksum({
+                "format": FORMAT_VERSION, "config": config.__dict__, "n_images": 0, "segments": [],
+            }))
+            try:
+                os.rename(tmp, path)  # replaces a missing or empty folder; fails if another won the race
+            except OSError:
+                if not (path / "manifest.json").exists():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return cls.open_matching(path, config)
+
+    @classmethod
+    def create(cls, path: str | os.PathLike, ids: Sequence[str], paths: Sequence[str],
+               config: StoreConfig) -> "Store":
+        """Create a store for ``ids`` (rows in this order)."""
+        if (Path(path) / "manifest.json").exists():
             raise StoreError(f"{path} already holds a store")
-        path.mkdir(parents=True, exist_ok=True)
-        n, P, K, S = len(ids), config.partition_size, config.channels, config.map_side
-        group = zarr.open_group(path / "arrays", mode="w")
-        rows = max(n, 1)
-        group.create_array("mac", shape=(rows, K), chunks=(P, K), dtype="float32", fill_value=0.0,
-                           compressors=VECTOR_CODEC)
-        group.create_array("maps", shape=(rows, K, S, S), chunks=(1, K, S, S), shards=(P, K, S, S),
-                           dtype="uint8", fill_value=0, compressors=MAPS_CODEC)
-        group.create_array("scale", shape=(rows,), chunks=(P,), dtype="float32", fill_value=0.0)
-        group.create_array("map_hw", shape=(rows, 2), chunks=(P, 2), dtype="int32", fill_value=0)
-        group.create_array("image_hw", shape=(rows, 2), chunks=(P, 2), dtype="int32", fill_value=0)
-        group.create_array("ok", shape=(rows,), chunks=(P,), dtype="bool", fill_value=False)
-        _write_json_atomic(path / "ids.json", {"ids": list(ids), "paths": [str(p) for p in paths]})
-        (path / "parts").mkdir(exist_ok=True)
-        _write_json_atomic(path / "manifest.json", {
-            "format": FORMAT_VERSION, "config": config.__dict__, "n_images": n,
-        })
+        store = cls.create_empty(path, config)
+        store.append(ids, paths)
         return cls(path)
 
     @classmethod
-    def open_or_create(cls, path: str | os.PathLike, ids: Sequence[str], paths: Sequence[str],
-                       config: StoreConfig) -> "Store":
-        """Open the store at ``path`` if it exists (checking it matches), else create it."""
-        if not (Path(path) / "manifest.json").exists():
-            return cls.create(path, ids, paths, config)
+    def open_matching(cls, path: str | os.PathLike, config: StoreConfig) -> "Store":
+        """Open the store at ``path``, refusing one extracted with another configuration."""
         store = cls(path)
         if not store.config.compatible(config):
             raise StoreError(
                 f"{path} was extracted with {store.config.backbone} ({store.config.weights} weights) at max "
                 f"size {store.config.max_size}, {store.config.levels} levels; asked for {config.backbone} "
                 f"({config.weights}) at {config.max_size}, {config.levels} levels: use another --store")
-        if list(ids) != store.ids:
-            raise StoreError(
-                f"{path} holds a different image list ({len(store.ids)} images, asked {len(ids)}): "
-                "a store is extracted from one list; use another --store for other images")
         return store
 
+    @classmethod
+    def open_or_create(cls, path: str | os.PathLike, ids: Sequence[str], paths: Sequence[str],
+                       config: StoreConfig) -> "Store":
+        """Open (or create) the store at ``path`` and append the ``ids`` it does not hold yet.
+        The caller holds the store's lock (storage/lock.py) when other writers may run."""
+        store = cls.create_empty(path, config)
+        held = set(i for i in store.ids if i is not None)
+        new = [(i, p) for i, p in zip(ids, paths) if i not in held]
+        if new:
+            store.append(*zip(*new))
+            store = cls(path)
+        return store
+
+    def append(self, ids: Sequence[str], paths: Sequence[str]) -> list[int]:
+        """Add ``ids`` as new partitions after the last one (existing rows never move). The id tables
+        and resized arrays are written first, the manifest (the commit) last: a kill in between leaves
+        the store as it was. Returns the new partitions."""
+        ids, paths = list(ids), [str(p) for p in paths]
+        if not ids:
+            return []
+        P = self.config.partition_size
+        first = self.n_partitions
+        news = []
+        for k, start in enumerate(range(0, len(ids), P)):
+            id_tables.write_table(self.path, first + k, ids[start:start + P], paths[start:start + P])
+            news.append(first + k)
+        rows = (first + len(news) - 1) * P + (len(ids) - (len(news) - 1) * P)
+        g = self.arrays
+        for name in g.array_keys():  # row arrays chunked by partition (a killed append may have grown some)
+            a = g[name]
+            if name not in INDEX_ARRAYS and a.ndim and a.shape[0] >= self.n_images and (a.shards or a.chunks)[0] == P:
+                a.resize((rows, *a.shape[1:]))
+        segments = self.segments + [[first, len(ids)]]
+        self.update_manifest(segments=segments, n_images=sum(n for _, n in segments))
+        self.segments, self._table = segments, None
+        return news
+
     # -- geometry ------------------------------------------------------------------------------
-    @property
-    def n_images(self) -> int:
-        return len(self.ids)
+    def partition_count(self, p: int) -> int:
+        """How many images partition ``p`` holds (``<= partition_size``)."""
+        P = self.config.partition_size
+        for first, n in reversed(self.segments):
+            if p >= first:
+                return max(0, min(P, n - (p - first) * P))
+        return 0
 
     @property
     def n_partitions(self) -> int:
+        if not self.segments:
+            return 0
         P = self.config.partition_size
-        return (self.n_images + P - 1) // P
+        first, n = self.segments[-1]
+        return first + (n + P - 1) // P
+
+    @property
+    def n_images(self) -> int:
+        """Rows of every array (the row numbers' range); rows past a partly filled partition's images
+        are empty and never valid. `n_held` counts the images."""
+        if not self.segments:
+            return 0
+        p = self.n_partitions - 1
+        return p * self.config.partition_size + self.partition_count(p)
+
+    @property
+    def n_held(self) -> int:
+        return sum(n for _, n in self.segments)
 
     def partition_rows(self, p: int) -> range:
         P = self.config.partition_size
-        return range(p * P, min((p + 1) * P, self.n_images))
+        return range(p * P, p * P + self.partition_count(p))
 
     def partition_of(self, row: int) -> int:
         return row // self.config.partition_size
@@ -145,6 +255,35 @@ class Store:
     @property
     def arrays(self) -> zarr.Group:
         return zarr.open_group(self.path / "arrays", mode="r+")
+
+    # -- ids -------------------------------------------------------------------------------------
+    def partition_ids(self, p: int) -> tuple[list[str], list[str]]:
+        """(ids, paths) of partition ``p``'s images: one small file."""
+        try:
+            return id_tables.read_table(self.path, p)
+        except (OSError, ValueError, KeyError) as e:
+            raise StoreError(f"{self.path}: id table of partition {p} is missing or damaged ({e}): "
+                             "run `rmac verify` on the store") from None
+
+    def _load_table(self) -> tuple[list, list]:
+        if self._table is None:
+            ids: list = [None] * self.n_images
+            paths: list = [None] * self.n_images
+            for p in range(self.n_partitions):
+                rows = self.partition_rows(p)
+                pi, pp = self.partition_ids(p)
+                ids[rows.start:rows.stop], paths[rows.start:rows.stop] = pi, pp
+            self._table = (ids, paths)
+        return self._table
+
+    @property
+    def ids(self) -> list:
+        """Id of every row (None for an empty row); reads every partition's table once."""
+        return self._load_table()[0]
+
+    @property
+    def paths(self) -> list:
+        return self._load_table()[1]
 
     # -- partitions ----------------------------------------------------------------------------
     def _part_file(self, p: int) -> Path:
@@ -157,34 +296,134 @@ class Store:
         done = self.done_partitions()
         return [p for p in range(self.n_partitions) if p not in done]
 
+    def forget_partitions(self, parts: Iterable[int]) -> None:
+        """Mark partitions pending again (their record files removed) so that extraction redoes them.
+        Bumps the manifest's ``revision`` first: an index built before no longer matches the rows."""
+        parts = list(parts)
+        if not parts:
+            return
+        self.update_manifest(revision=int(self.manifest.get("revision", 0)) + 1)
+        (self.path / "parts" / "redo").mkdir(exist_ok=True)
+        for p in parts:
+            if self._part_file(p).exists():  # kept aside: the redo reuses the rows that did not change
+                os.replace(self._part_file(p), self._redo_file(p))
+
+    def _redo_file(self, p: int) -> Path:
+        return self.path / "parts" / "redo" / f"p{p:06d}.json"
+
+    def redo_records(self, p: int) -> list[dict] | None:
+        """The records partition ``p`` had before it was marked for a redo (None: not a redo)."""
+        try:
+            return json.loads(self._redo_file(p).read_text())["records"]
+        except (OSError, ValueError, KeyError):
+            return None
+
+    def clear_redo(self, p: int) -> None:
+        self._redo_file(p).unlink(missing_ok=True)
+
     def write_partition(self, p: int, records: list[dict], mac: np.ndarray, maps: np.ndarray,
                         scale: np.ndarray, map_hw: np.ndarray, image_hw: np.ndarray) -> None:
-        """Write partition ``p``'s rows, then its record file (the done marker) last."""
+        """Write partition ``p``'s rows, then its record file (the done marker, with the checksums of
+        what was written) last."""
         rows = self.partition_rows(p)
         if len(records) != len(rows):
             raise ValueError(f"partition {p}: {len(records)} records for {len(rows)} rows")
         sl = slice(rows.start, rows.stop)
         g = self.arrays
-        g["mac"][sl] = mac
-        g["maps"][sl] = maps
-        g["scale"][sl] = scale
-        g["map_hw"][sl] = map_hw
-        g["image_hw"][sl] = image_hw
-        g["ok"][sl] = np.array([r["status"] == "done" for r in records], dtype=bool)
-        _write_json_atomic(self._part_file(p), records)
+        with zarr.config.set({"array.write_empty_chunks": True}):  # a missing file must mean damage
+            g["mac"][sl] = mac
+            g["maps"][sl] = maps
+            g["scale"][sl] = scale
+            g["map_hw"][sl] = map_hw
+            g["image_hw"][sl] = image_hw
+            g["ok"][sl] = np.array([r["status"] == "done" for r in records], dtype=bool)
+        self.write_record(p, records)
+
+    def write_record(self, p: int, records: list[dict]) -> None:
+        """The done marker of partition ``p``: its records and a checksum of each of its arrays' rows,
+        read back from the store (so the sum covers what is really there, whatever arrays it has)."""
+        rows = self.partition_rows(p)
+        g = self.arrays
+        names = checksums.row_arrays(g, self.n_images, exclude=INDEX_ARRAYS)
+        sums = checksums.digest_each_row(g, rows.start, rows.stop, names)
+        _write_json_atomic(self._part_file(p), {"records": records, "row_checksums": sums})
+
+    def partition_problems(self, p: int, read_data: bool = True) -> list[str]:
+        """What is wrong with finished partition ``p``: its record vs its id table, chunk files missing,
+        and (``read_data``) each array's rows vs the checksum recorded at extraction."""
+        out = []
+        try:
+            doc = self.partition_doc(p)
+            ids, _ = self.partition_ids(p)
+        except StoreError as e:
+            return [str(e)]
+        rows = self.partition_rows(p)
+        if [r.get("id") for r in doc["records"]] != ids or len(ids) != len(rows):
+            out.append(f"partition {p}: record holds {len(doc['records'])} images, the id table {len(ids)}, "
+                       f"the manifest {len(rows)}")
+        out += [f"partition {p}: chunk missing: arrays/{m}" for m in self.missing_chunks(rows.start, rows.stop)]
+        if read_data and not out:
+            out += self.row_problems(p, rows.start, rows.stop, doc=doc)
+        return out
+
+    def row_problems(self, p: int, start: int, stop: int, names: Iterable[str] | None = None,
+                     doc: dict | None = None, data: dict[str, np.ndarray] | None = None) -> list[str]:
+        """Rows ``[start, stop)`` of partition ``p`` read back (or given as ``data``, name -> rows) and
+        compared with the per-row checksums its record holds; each mismatch names the image."""
+        doc = doc if doc is not None else self.partition_doc(p)
+        sums = doc.get("row_checksums", {})
+        first = self.partition_rows(p).start
+        g = self.arrays
+        names = list(names) if names is not None else checksums.row_arrays(g, self.n_images, exclude=INDEX_ARRAYS)
+        out = []
+        for name in names:
+            if name not in sums:
+                out.append(f"partition {p}: no checksum recorded for arrays/{name}")
+                continue
+            try:
+                block = data[name] if data is not None else g[name][start:stop]
+            except Exception as e:  # a truncated / corrupt chunk file: any codec error
+                out.append(f"partition {p}: arrays/{name} unreadable ({type(e).__name__}: {e})")
+                continue
+            for r, row in zip(range(start, stop), block):
+                if checksums.digest(row) != sums[name][r - first]:
+                    out.append(f"partition {p}: arrays/{name} row {r} "
+                               f"({doc['records'][r - first].get('id')}) does not match its checksum")
+        return out
+
+    def verify_partition(self, p: int) -> None:
+        """Refuse a damaged partition (StoreError naming what is wrong)."""
+        problems = self.partition_problems(p)
+        if problems:
+            raise StoreError(f"{self.path}: {problems[0]}{f' (+{len(problems) - 1} more)' if len(problems) > 1 else ''}"
+                             f": the store is damaged; run `rmac verify {self.path}`")
+
+    def partition_doc(self, p: int) -> dict:
+        """The record file of partition ``p``: ``{"records": [...], "row_checksums": {array: [sha per row]}}``."""
+        try:
+            doc = json.loads(self._part_file(p).read_text())
+            if not isinstance(doc, dict) or not isinstance(doc.get("records"), list):
+                raise ValueError("not a record file")
+            return doc
+        except (OSError, ValueError) as e:
+            raise StoreError(f"{self._part_file(p)}: unreadable record file ({e}): run `rmac verify`") from None
+
+    def partition_digest(self, p: int) -> str:
+        """Hash of partition ``p``'s record file: what an index built from it records."""
+        return checksums.digest_bytes(self._part_file(p).read_bytes())
 
     def records(self) -> list[dict]:
         """All finished records, in row order; each carries its ``row``."""
         out: list[dict] = []
         for p in sorted(self.done_partitions()):
-            recs = json.loads(self._part_file(p).read_text())
-            for row, rec in zip(self.partition_rows(p), recs):
+            for row, rec in zip(self.partition_rows(p), self.partition_doc(p)["records"]):
                 out.append({"row": row, **rec})
         return out
 
     def valid_rows(self, rows: range | None = None) -> np.ndarray:
         """Boolean mask over ``rows`` (default: all): extracted successfully."""
         rows = rows if rows is not None else range(self.n_images)
+        self.require_chunks(rows.start, rows.stop, names=("ok",))
         return self.arrays["ok"][rows.start:rows.stop]
 
     def require_complete(self) -> None:
@@ -193,15 +432,64 @@ class Store:
             raise StoreError(f"{self.path}: extraction unfinished ({len(pending)} of {self.n_partitions} "
                              "partitions pending): re-run `rmac extract` to finish it")
 
+    def missing_chunks(self, start: int, stop: int, names: Iterable[str] | None = None,
+                       exclude: Iterable[str] = INDEX_ARRAYS) -> list[str]:
+        """Chunk files of rows ``[start, stop)`` that should exist and do not (see storage/checksums.py)."""
+        return checksums.missing_chunks(self.path / "arrays", start, stop, names, exclude, self.n_images)
+
+    def require_chunks(self, start: int, stop: int, names: Iterable[str] | None = None,
+                       exclude: Iterable[str] = INDEX_ARRAYS) -> None:
+        """Refuse to read rows whose data files are gone (Zarr would read them as zeros)."""
+        if stop <= start:
+            return
+        done = self.done_partitions()  # pending partitions hold no data yet: nothing to miss
+        missing = []
+        for p in range(self.partition_of(start), self.partition_of(stop - 1) + 1):
+            if p in done:
+                rows = self.partition_rows(p)
+                missing += self.missing_chunks(max(start, rows.start), min(stop, rows.stop), names, exclude)
+        if missing:
+            raise StoreError(f"{self.path}: data missing ({', '.join(missing[:5])}"
+                             f"{' ...' if len(missing) > 5 else ''}): the store is damaged; "
+                             f"run `rmac verify {self.path}`")
+
+    # -- run log ---------------------------------------------------------------------------------
+    def log_run(self, entry: dict) -> None:
+        """Append one JSON line to the run log (``runs.jsonl``), fsync'd."""
+        line = json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **entry})
+        with open(self.path / RUN_LOG, "a") as f:
+            f.write(line + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def runs(self) -> list[dict]:
+        """Every run logged (a torn last line, from a kill, is skipped)."""
+        out = []
+        try:
+            lines = (self.path / RUN_LOG).read_text().splitlines()
+        except OSError:
+            return out
+        for line in lines:
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+        return out
+
     # -- reading ---------------------------------------------------------------------------------
     def read_maps(self, rows: Iterable[int]) -> list[tuple[np.ndarray, float]]:
         """The quantised maps of ``rows``, each cropped to its valid (h, w), with its scale."""
-        g = self.arrays
-        maps, scale, hw = g["maps"], g["scale"], g["map_hw"]
+        rows = list(rows)
+        if not rows:
+            return []
+        lo, hi = min(rows), max(rows) + 1
+        self.require_chunks(lo, hi)
+        data = self.read_checked(lo, hi, ("maps", "scale", "map_hw"))  # checked against the record
+        maps, scale, hw = data["maps"], data["scale"], data["map_hw"]
         out = []
         for r in rows:
-            h, w = (int(v) for v in hw[r])
-            out.append((np.ascontiguousarray(maps[r, :, :h, :w]), float(scale[r])))
+            h, w = (int(v) for v in hw[r - lo])
+            out.append((np.ascontiguousarray(maps[r - lo, :, :h, :w]), float(scale[r - lo])))
         return out
 
     def read_padded(self, rows: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -214,7 +502,28 @@ class Store:
         sel = np.asarray(rows, dtype=np.int64)
         lo, hi = int(sel.min()), int(sel.max()) + 1
         pick = sel - lo
-        return g["maps"][lo:hi][pick], g["map_hw"][lo:hi][pick], g["image_hw"][lo:hi][pick]
+        self.require_chunks(lo, hi)
+        data = self.read_checked(lo, hi, ("maps", "map_hw", "image_hw"))
+        return data["maps"][pick], data["map_hw"][pick], data["image_hw"][pick]
+
+    def read_checked(self, start: int, stop: int, names: Sequence[str]) -> dict[str, np.ndarray]:
+        """Rows ``[start, stop)`` of the named arrays, checked against the per-row checksums of their
+        partitions' records: damaged data raises StoreError instead of being used."""
+        g = self.arrays
+        try:
+            data = {name: g[name][start:stop] for name in names}
+        except Exception as e:  # a truncated or corrupt chunk: Zarr's codecs raise various errors
+            raise StoreError(f"{self.path}: rows {start}..{stop} unreadable ({type(e).__name__}: {e}): the "
+                             f"store is damaged; run `rmac verify {self.path}`") from None
+        for p in range(self.partition_of(start), self.partition_of(stop - 1) + 1):
+            r = self.partition_rows(p)
+            a, b = max(start, r.start), min(stop, r.stop)
+            if a >= b:
+                continue
+            problems = self.row_problems(p, a, b, names, data={k: v[a - start:b - start] for k, v in data.items()})
+            if problems:
+                raise StoreError(f"{self.path}: {problems[0]}: the store is damaged; run `rmac verify {self.path}`")
+        return data
 
     def map_bytes(self) -> int:
         """Bytes on disk of the stored activation maps (compressed shards and their indexes)."""
@@ -222,19 +531,74 @@ class Store:
         return sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
 
     # -- whitening -------------------------------------------------------------------------------
-    def save_whitening(self, mean: np.ndarray, proj: np.ndarray, eigvals: np.ndarray, attrs: dict) -> None:
-        g = zarr.open_group(self.path / "whitening", mode="w")
-        g.create_array("mean", data=np.asarray(mean, dtype="float32"))
-        g.create_array("proj", data=np.asarray(proj, dtype="float32"))
-        g.create_array("eigvals", data=np.asarray(eigvals, dtype="float64"))
-        g.attrs.update(attrs)
+    def save_whitening(self, mean: np.ndarray, proj: np.ndarray, eigvals: np.ndarray, attrs: dict,
+                       aside: bool = False) -> str:
+        """Save the whitening (replacing any previous one as a whole: written beside, then renamed);
+        returns its id, a hash of its arrays that the index records and readers check. ``aside``: leave
+        it beside (``.whitening.<id>``) for `install_whitening` to put in place once an index commits."""
+        arrays = {"mean": np.asarray(mean, dtype="float32"), "proj": np.asarray(proj, dtype="float32"),
+                  "eigvals": np.asarray(eigvals, dtype="float64")}
+        wid = whitening_id(**arrays)
+        tmp = Path(tempfile.mkdtemp(dir=self.path, prefix=".whitening.new-"))
+        g = zarr.open_group(tmp, mode="w")
+        for name, a in arrays.items():
+            g.create_array(name, data=a)
+        g.attrs.update({**attrs, "id": wid})
+        staged = self.path / f".whitening.{wid}"
+        shutil.rmtree(staged, ignore_errors=True)
+        os.rename(tmp, staged)
+        if not aside:
+            self.install_whitening(wid)
+        return wid
+
+    def install_whitening(self, wid: str) -> None:
+        """Put the staged whitening ``wid`` in place of the current one (idempotent; a kill between the
+        two renames leaves no ``whitening/``, which the next run's roll-forward repairs)."""
+        staged = self.path / f".whitening.{wid}"
+        if not staged.exists():
+            return
+        final, old = self.path / "whitening", self.path / f".whitening.old-{os.getpid()}"
+        if final.exists():
+            os.rename(final, old)
+        os.rename(staged, final)
+        shutil.rmtree(old, ignore_errors=True)
 
     def load_whitening(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+        """The saved whitening, checked against its id (a missing or changed chunk is refused)."""
         if not (self.path / "whitening").exists():
             raise StoreError(f"{self.path} has no whitening: run `rmac index {self.path}` first")
         g = zarr.open_group(self.path / "whitening", mode="r")
-        return g["mean"][:], g["proj"][:], g["eigvals"][:], dict(g.attrs)
+        attrs = dict(g.attrs)
+        try:
+            missing = [n for n in ("mean", "proj", "eigvals")
+                       if checksums.missing_chunks(self.path / "whitening", 0, 1 << 62, names=[n])]
+            if missing:
+                raise StoreError(f"{self.path}: whitening/{', whitening/'.join(missing)} data missing: "
+                                 f"run `rmac index {self.path} --refit`")
+            mean, proj, eigvals = g["mean"][:], g["proj"][:], g["eigvals"][:]
+        except KeyError as e:
+            raise StoreError(f"{self.path}/whitening: array {e} missing") from None
+        if attrs.get("id") != whitening_id(mean, proj, eigvals):
+            raise StoreError(f"{self.path}/whitening does not match its checksum (damaged or half-written): "
+                             f"run `rmac index {self.path} --refit`")
+        return mean, proj, eigvals, attrs
 
     def update_manifest(self, **fields: Any) -> None:
         self.manifest.update(fields)
-        _write_json_atomic(self.path / "manifest.json", self.manifest)
+        _write_json_atomic(self.path / "manifest.json", _with_checksum(self.manifest))
+
+
+def whitening_id(mean: np.ndarray, proj: np.ndarray, eigvals: np.ndarray) -> str:
+    """Content hash of a whitening (what an index records it was built with)."""
+    return checksums.digest_bytes("".join(checksums.digest(np.asarray(a)) for a in (mean, proj, eigvals)).encode())
+
+
+def _manifest_checksum(manifest: dict) -> str:
+    body = {k: v for k, v in manifest.items() if k != "checksum"}
+    return checksums.digest_bytes(json.dumps(body, sort_keys=True).encode())
+
+
+def _with_checksum(manifest: dict) -> dict:
+    """The manifest carries a hash of the rest of it: a hand edit or a torn copy is refused."""
+    manifest["checksum"] = _manifest_checksum(manifest)
+    return manifest

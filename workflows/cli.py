@@ -14,8 +14,11 @@ COMMANDS = {
     "search": ("search", True, "search a store with a query image (+ box): filter, AML re-rank, QE"),
     "evaluate": ("evaluate", True, "evaluate every method on an Oxford/Paris/revisited/JSON dataset"),
     "demo": ("demo", True, "the whole system on the embedded photos: report + mAP table"),
+    "distractors": ("distractors", True, "synthesise distractor images from a store's real activation maps"),
     "make-views": ("views", False, "synthesise a harder benchmark: landmarks small in cluttered scenes"),
     "bench": ("bench", False, "benchmarks printed as side-by-side ratios (aml, extract, search)"),
+    "info": ("operations.info", False, "summarise a store: images, failures, partitions, index, bytes, last runs"),
+    "verify": ("operations.verify", False, "check a store's shapes, files and checksums; name every mismatch"),
     "paper": ("paper", True, "every experiment of the paper on a dataset: DIR/report.md, figures, JSON"),
 }
 

@@ -92,7 +92,8 @@ class Evaluation:
 def evaluate(dataset: str, client, choice: ModelChoice = ModelChoice(), max_size: int = 1024,
              store: str | None = None, distractors: tuple[str, ...] = (), whiten_on: str | None = None,
              top_n: int = 1000, methods: tuple[str, ...] = tuple(METHODS), rank_depth: int = 10_000,
-             L: int = DEFAULT_L, qe: int = 5, progress: bool = True, allow_unknown: bool = False) -> Evaluation:
+             L: int = DEFAULT_L, qe: int = 5, progress: bool = True, allow_unknown: bool = False,
+             nprobe: int | None = None) -> Evaluation:
     """Evaluate ``methods`` on ``dataset``; the result holds mAP in percent (None where undefined: no
     query has a positive). Ground truth naming images outside the dataset raises `DatasetError`, or
     with ``allow_unknown`` is dropped with a warning (their number is in the result's ``unknown_gt``)."""
@@ -135,7 +136,7 @@ def evaluate(dataset: str, client, choice: ModelChoice = ModelChoice(), max_size
         build_index(d, client, L=L, whitening=w, whiten_label=label, progress=progress)
     timings["index_s"] = time.perf_counter() - t
 
-    db = Database([st, *extra])
+    db = Database([st, *extra]).scatter_filtering(client)
     t = time.perf_counter()
     futures = [client.submit(query_maps, str(ds.image_paths[q.image]), q.bbox, choice, max_size, pure=False)
                for q in ds.queries]
@@ -152,12 +153,13 @@ def evaluate(dataset: str, client, choice: ModelChoice = ModelChoice(), max_size
     results, reranked, per_method = {}, {}, {}
     for name in methods:
         base = METHODS[name]
-        params = SearchParams(**{**base.__dict__, "top_n": top_n, "L": L, "qe": qe if base.qe else 0})
+        params = SearchParams(**{**base.__dict__, "top_n": top_n, "L": L, "qe": qe if base.qe else 0,
+                                 "nprobe": nprobe})
         t = time.perf_counter()
         key = params.filter
         if params.rerank and key not in reranked:  # one scattered pass for all queries, reused with QE
             _, top = db.filter("rmac" if key == "rmac" else "macw",
-                               np.stack([qv.rmac if key == "rmac" else qv.macw for qv in qvs]), top_n)
+                               np.stack([qv.rmac if key == "rmac" else qv.macw for qv in qvs]), top_n, nprobe)
             reranked[key] = rerank_many(db, client, qvs, [r[r >= 0] for r in top], params, w_future)
         ranked = [answer(db, client, qv, params, w_future, k=depth,
                          reranked=reranked[key][i] if params.rerank else None)
@@ -248,6 +250,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-n", type=positive_int, default=1000, help="images re-ranked per query")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of methods")
     parser.add_argument("--qe", type=nonnegative_int, default=5, help="top re-ranked images merged by QE (default 5)")
+    parser.add_argument("--nprobe", type=positive_int, help="IVF lists probed per shard (stores indexed with --ivf)")
     parser.add_argument("--json", dest="json_out", type=writable_file, help="write the result as JSON to this file")
     parser.add_argument("--allow-unknown", action="store_true",
                         help="drop ground-truth images that are not in the dataset (with a warning) instead of "
@@ -261,7 +264,8 @@ def main(args: argparse.Namespace, client) -> int:
     if unknown:
         raise UsageError(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     res = evaluate(args.dataset, client, choice, args.max_size, args.store, tuple(args.distractors),
-                   args.whiten_on, args.top_n, methods, qe=args.qe, allow_unknown=args.allow_unknown).result
+                   args.whiten_on, args.top_n, methods, qe=args.qe, allow_unknown=args.allow_unknown,
+                   nprobe=args.nprobe).result
     print_table(res)
     if args.json_out:
         Path(args.json_out).write_text(to_json(res))

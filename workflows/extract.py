@@ -20,7 +20,9 @@ from dask.base import tokenize
 from rmac.ops.pooling import mac
 from rmac.ops.quantise import quantise
 from rmac.storage.images import MIN_SIDE, BadImage, list_images, load_image
-from rmac.storage.store import Store, StoreConfig
+from rmac.storage.ids import dedupe, file_identity, source_stat
+from rmac.storage.lock import StoreLock
+from rmac.storage.store import Store, StoreConfig, StoreError
 from rmac.workflows.args import existing_file, existing_path, int_range, new_or_existing_dir, positive_int
 from rmac.workflows.text import printable
 
@@ -65,6 +67,7 @@ def extract_partition(store: Store, p: int, choice: ModelChoice, device: str = "
     model, spec = model_on(choice, device)
     cfg = store.config
     rows = store.partition_rows(p)
+    ids, paths = store.partition_ids(p)  # this partition's ids only: not the whole table
     n, K, S = len(rows), cfg.channels, cfg.map_side
     macs = np.zeros((n, K), np.float32)
     maps = np.zeros((n, K, S, S), np.uint8)
@@ -72,9 +75,19 @@ def extract_partition(store: Store, p: int, choice: ModelChoice, device: str = "
     map_hw = np.zeros((n, 2), np.int32)
     image_hw = np.zeros((n, 2), np.int32)
     records = []
-    features = iter_features(model, spec, [store.paths[row] for row in rows], cfg.max_size, device)
+    keep = _reusable(store, p, paths)  # a partition redone for some of its images keeps the others
+    if keep:
+        g, sl = store.arrays, slice(rows.start, rows.stop)
+        old = [g[k][sl] for k in ("mac", "maps", "scale", "map_hw", "image_hw")]
+    features = iter_features(model, spec, [paths[i] for i in range(n) if i not in keep], cfg.max_size, device)
     for i, row in enumerate(rows):
-        rec = {"id": store.ids[row], "path": store.paths[row], "status": "done", "reason": None}
+        if i in keep:
+            for dst, src in zip((macs, maps, scale, map_hw, image_hw), old):
+                dst[i] = src[i]
+            records.append(keep[i])
+            continue
+        source = source_stat(paths[i])  # recorded: a later run sees a changed or reappeared file
+        rec = {"id": ids[i], "path": paths[i], "status": "done", "reason": None, "source": source}
         try:
             image, x, error = next(features)
             if error is not None:
@@ -97,8 +110,24 @@ def extract_partition(store: Store, p: int, choice: ModelChoice, device: str = "
         rec.update(image_hw=[image.height, image.width], map_hw=[h, w])
         records.append(rec)
     store.write_partition(p, records, macs, maps, scale, map_hw, image_hw)
+    store.clear_redo(p)
     done = sum(r["status"] == "done" for r in records)
     return {"partition": p, "done": done, "failed": n - done, "skipped": 0}
+
+
+def _reusable(store: Store, p: int, paths: list[str]) -> dict[int, dict]:
+    """Rows of partition ``p`` that a redo keeps as stored (offset -> old record): extracted before,
+    and their source unchanged or gone (a removed file is reported, its features kept)."""
+    old = store.redo_records(p)
+    if old is None:
+        return {}
+    keep = {}
+    for i, (rec, path) in enumerate(zip(old, paths)):
+        if rec.get("status") == "done" and rec.get("path") == path:
+            now = source_stat(path)
+            if now is None or now == rec.get("source"):
+                keep[i] = rec
+    return keep
 
 
 def store_config(choice: ModelChoice, max_size: int, partition_size: int, levels: int) -> StoreConfig:
@@ -161,16 +190,82 @@ def start_workers(client, choice: ModelChoice, max_size: int, partition_size: in
 
 def extract(source: str | list[tuple[str, str]], store_path: str, client, choice: ModelChoice = ModelChoice(),
             max_size: int = DEFAULT_MAX_SIZE, partition_size: int = DEFAULT_PARTITION,
-            levels: int = DEFAULT_LEVELS, progress: bool = True, device: str = "auto") -> dict:
+            levels: int = DEFAULT_LEVELS, progress: bool = True, wait: bool = False,
+            device: str = "auto") -> dict:
     """Extract every image of ``source`` (a folder, a list file, or (id, path) pairs) into the store at
-    ``store_path``; resumes a partial store and skips a finished one. ``device``: auto, cpu or cuda."""
+    ``store_path``: creates it, resumes a partial one, or grows it with the images it does not hold
+    (see `plan_growth`). Holds the store's lock throughout (``wait``: wait for another holder).
+    ``device``: auto, cpu or cuda."""
     items = list_images(source) if isinstance(source, (str, Path)) else list(source)
     if not items:
         raise SystemExit(f"rmac extract: no images found in {source}")
-    ids, paths = zip(*items)
+    t0 = time.perf_counter()
     config, _warm = start_workers(client, choice, max_size, partition_size, levels, device)
-    store = Store.open_or_create(store_path, ids, paths, config)
-    return run_partitions(store, client, choice, progress=progress, device=device)
+    empty = Store.create_empty(store_path, config)
+    with StoreLock(empty.path, "extract", wait=wait) as lock:
+        store = Store(empty.path)
+        plan = plan_growth(store, items)
+        store.forget_partitions(plan["redo"])
+        if plan["new"]:
+            store.append(*zip(*plan["new"]))
+            store = Store(store.path)
+        summary = run_partitions(store, client, choice, progress=progress, device=device)
+        summary.update(added=len(plan["new"]), duplicates=plan["duplicates"], removed=plan["removed"],
+                       changed=plan["changed"], retried=plan["retried"],
+                       took_over_lock=lock.took_over, seconds_total=round(time.perf_counter() - t0, 2))
+        store.log_run({"command": "extract", "version": _version(), "added": len(plan["new"]),
+                       "partitions_run": summary["partitions_run"], "done": summary["done"],
+                       "failed": summary["failed"], "changed": len(plan["changed"]),
+                       "removed": len(plan["removed"]), "duplicates": len(plan["duplicates"]),
+                       "seconds": summary["seconds_total"]})
+    return summary
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("rmac")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def plan_growth(store: Store, items: list[tuple[str, str]]) -> dict:
+    """What a run adds to ``store`` and redoes in it:
+
+    * ``new``: listed images whose id the store does not hold, minus ``duplicates`` (a file already
+      listed or held under another name: same device and inode);
+    * ``redo``: partitions to extract again because an image's source changed (size or mtime) since it
+      was extracted (``changed``), or failed because it was missing and exists now (``retried``);
+    * ``removed``: held images whose source file is gone (kept in the store, reported).
+    """
+    held_ids = set()
+    held_identity: dict[tuple, str] = {}
+    changed, retried, removed, redo = [], [], [], set()
+    for rec in store.records():
+        held_ids.add(rec["id"])
+        now = source_stat(rec["path"])
+        if now is None:
+            removed.append(rec["id"])
+            continue
+        held_identity.setdefault(file_identity(rec["path"]), rec["id"])
+        before = rec.get("source")
+        if before is None and rec["status"] == "failed":
+            retried.append(rec["id"])
+            redo.add(store.partition_of(rec["row"]))
+        elif before is not None and before != now:
+            changed.append(rec["id"])
+            redo.add(store.partition_of(rec["row"]))
+    pending = set(store.pending_partitions())
+    for p in pending:  # ids listed but not extracted yet (an interrupted run) are held too
+        ids, paths = store.partition_ids(p)
+        held_ids.update(ids)
+        for i, path in zip(ids, paths):
+            held_identity.setdefault(file_identity(path), i)
+    fresh = [(i, str(path)) for i, path in items if i not in held_ids]
+    new, duplicates = dedupe(fresh, held_identity)
+    return {"new": new, "duplicates": duplicates, "removed": removed, "changed": changed,
+            "retried": retried, "redo": sorted(redo - pending)}
 
 
 def run_partitions(store: Store, client, choice: ModelChoice, progress: bool = True, device: str = "cpu") -> dict:
@@ -202,7 +297,7 @@ def summarise(store: Store, seconds: float = 0.0, newly: int = 0) -> dict:
     failed = [{"id": r["id"], "reason": r["reason"]} for r in recs if r["status"] == "failed"]
     done = sum(r["status"] == "done" for r in recs)
     return {
-        "store": str(store.path), "images": store.n_images, "done": done, "failed": len(failed),
+        "store": str(store.path), "images": store.n_held, "done": done, "failed": len(failed),
         "pending_partitions": len(store.pending_partitions()), "partitions_run": newly,
         "seconds": round(seconds, 2), "map_bytes_per_image": round(store.map_bytes() / done) if done else 0,
         "failures": failed,
@@ -217,6 +312,21 @@ def print_summary(summary: dict) -> None:
         print(f"{summary['failed']} failed:")
         for f in summary["failures"]:
             print(f"  {printable(f['id'])}: {printable(f['reason'])}")
+    for key, what in (("added", "added by this run"), ("changed", "changed since extracted: re-extracted"),
+                      ("retried", "failed as missing, now present: retried"),
+                      ("removed", "source file gone (kept in the store)"),
+                      ("duplicates", "the same file as another image: stored once")):
+        got = summary.get(key)
+        if isinstance(got, int):
+            print(f"{got} {what}")
+        elif got:
+            print(f"{len(got)} {what}:")
+            for g in got[:20]:
+                print(f"  {printable(g['id'])} = {printable(g['same_as'])}" if isinstance(g, dict) else f"  {printable(g)}")
+            if len(got) > 20:
+                print(f"  ... and {len(got) - 20} more")
+    if summary.get("took_over_lock"):
+        print(f"took over the lock of a process that died: {summary['took_over_lock']}")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -225,6 +335,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--store", required=True, type=new_or_existing_dir,
                         help="the store folder (created or resumed)")
     add_model_arguments(parser)
+    add_wait_argument(parser)
     parser.add_argument("--partition-size", type=positive_int, default=DEFAULT_PARTITION,
                         help="images per task / Zarr shard (default %(default)s)")
     parser.add_argument("--levels", type=int_range(1, 255), default=DEFAULT_LEVELS,
@@ -232,6 +343,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="where workers run the network: cpu (one image at a time), cuda (same-size images "
                              "batched), auto (a worker's GPU when it sees one); default %(default)s")
+
+
+def add_wait_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--wait", action="store_true",
+                        help="wait for another extract/index holding the store's lock (default: exit at once)")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -247,7 +363,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace, client) -> int:
     choice = ModelChoice(args.backbone, args.weights, args.random_weights)
     summary = extract(args.images, args.store, client, choice, args.max_size, args.partition_size, args.levels,
-                      device=args.device)
+                      wait=args.wait, device=args.device)
     print_summary(summary)
     if getattr(args, "json", None):
         import json

@@ -10,6 +10,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 import time
 from functools import reduce
@@ -20,7 +22,9 @@ from rmac.ops import whitening as wh
 from rmac.ops.pooling import l2n, regional_mac, rmac_aggregate_many
 from rmac.ops.quantise import dequantise
 from rmac.ops.regions import rmac_regions
-from rmac.storage.store import Store, StoreError
+from rmac.storage import checksums, ids as id_tables
+from rmac.storage.index import shard_file
+from rmac.storage.store import Store, StoreError, _write_json_atomic
 
 DEFAULT_L = 3
 DEFAULT_DIM = 512
@@ -73,12 +77,14 @@ def fit_whitening(source: Store, client, L: int = DEFAULT_L, dim: int | None = D
     return wh.fit(stats, dim=dim)
 
 
-def partition_vectors(store: Store, p: int, whitening: wh.Whitening, L: int) -> int:
-    """Write partition ``p``'s R-MAC and whitened-MAC rows; failed rows stay zero."""
+def partition_vectors(store: Store, p: int, whitening: wh.Whitening, L: int, wid: str = "") -> int:
+    """Write partition ``p``'s R-MAC and whitened-MAC rows (failed rows stay zero), then
+    ``index/parts/p.json``: which record and whitening they were built from, and their checksums."""
     part = store.partition_rows(p)
     rows = list(part)
     D = whitening.proj.shape[0]
     out = {k: np.zeros((len(rows), D), np.float32) for k in VECTOR_KINDS}
+    store.verify_partition(p)  # damaged data is refused here, not indexed as zeros
     keep = [i for i, ok in enumerate(store.valid_rows(part)) if ok]
     if keep:
         maps = store.read_maps([rows[i] for i in keep])
@@ -88,48 +94,102 @@ def partition_vectors(store: Store, p: int, whitening: wh.Whitening, L: int) -> 
         macs = store.arrays["mac"][rows[0]:rows[-1] + 1][keep]
         out["macw"][keep] = l2n(wh.apply(whitening, l2n(macs)))
     g = store.arrays
-    for k in VECTOR_KINDS:
-        g[k][rows[0]:rows[-1] + 1] = out[k]
+    if rows:
+        import zarr
+
+        with zarr.config.set({"array.write_empty_chunks": True}):  # a missing file must mean damage
+            for k in VECTOR_KINDS:
+                g[k][rows[0]:rows[-1] + 1] = out[k]
+    record = store.partition_digest(p)
+    sums = checksums.digest_rows(g, part.start, part.stop, VECTOR_KINDS)
+    _write_json_atomic(vector_part_file(store, p), {"record": record, "whitening": wid, "L": L,
+                                                    "checksums": sums})
     return len(keep)
 
 
-def build_shard_file(store: Store, kind: str, shard: int, start: int, stop: int, index_kind: str) -> dict:
-    """Build and save one FAISS shard over rows [start, stop) of ``kind`` vectors."""
-    from rmac.storage.index import build_shard, save_shard
+def vector_part_file(store: Store, p: int):
+    return store.path / "index" / "parts" / f"p{p:06d}.json"
 
+
+def vector_part(store: Store, p: int) -> dict | None:
+    """What partition ``p``'s vectors were built from (None: never built, or unreadable)."""
+    try:
+        return json.loads(vector_part_file(store, p).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def build_shard_file(store: Store, kind: str, shard: int, start: int, stop: int, index_kind: str,
+                     template: str | None = None) -> dict:
+    """Build and save one FAISS shard over rows [start, stop) of ``kind`` vectors (IVF: a copy of the
+    trained ``template`` file with these rows added, see `rmac.workflows.ivf`)."""
+    from rmac.storage.index import build_shard, load_shard, save_shard
+
+    store.require_chunks(start, stop, names=(kind,), exclude=())
     vectors = store.arrays[kind][start:stop]
     valid = store.valid_rows(range(start, stop))
-    index = build_shard(vectors, start, kind=index_kind, valid=valid)
-    name = f"shard_{shard:03d}.faiss"
+    index = build_shard(vectors, start, kind=index_kind, valid=valid,
+                        template=load_shard(template) if template else None)
+    name = shard_file(shard)
     folder = store.path / "index" / kind
     folder.mkdir(parents=True, exist_ok=True)
     save_shard(index, folder / name)
     return {"file": name, "start": start, "stop": stop, "kind": index_kind, "d": int(vectors.shape[1]),
-            "ntotal": int(index.ntotal)}
+            "ntotal": int(index.ntotal), "sha256": checksums.digest_file(folder / name),
+            "bytes": (folder / name).stat().st_size}
 
 
-def shard_ranges(store: Store, shard_rows: int) -> list[tuple[int, int]]:
-    """Contiguous row ranges made of whole partitions, about ``shard_rows`` rows each."""
+def shard_ranges(store: Store, shard_rows: int, parts: list[int] | None = None) -> list[tuple[int, int]]:
+    """Contiguous row ranges made of whole partitions, about ``shard_rows`` rows each, over the runs
+    of consecutive partitions in ``parts`` (default: all)."""
     P = store.config.partition_size
-    per = max(1, round(shard_rows / P)) * P
-    return [(s, min(s + per, store.n_images)) for s in range(0, store.n_images, per)]
+    per = max(1, round(shard_rows / P))
+    parts = sorted(range(store.n_partitions) if parts is None else parts)
+    runs: list[list[int]] = []
+    for p in parts:
+        if runs and p == runs[-1][-1] + 1 and len(runs[-1]) < per:
+            runs[-1].append(p)
+        else:
+            runs.append([p])
+    return [(store.partition_rows(r[0]).start, store.partition_rows(r[-1]).stop) for r in runs]
 
 
 def build_index(store: Store, client, whiten_on: Store | None = None, L: int = DEFAULT_L,
                 dim: int | None = DEFAULT_DIM, shard_rows: int = DEFAULT_SHARD_ROWS,
                 index_kind: str = "flat", whiten_subset: np.ndarray | None = None,
                 whiten_label: str | None = None, whitening: wh.Whitening | None = None,
-                progress: bool = True) -> dict:
+                progress: bool = True, refit: bool = False, wait: bool = False, nlist: int | None = None,
+                ivf_codec: str = "flat") -> dict:
     """Whitening, global vectors and FAISS shards for ``store``; returns timings and what was built.
 
     The whitening is fitted on ``whiten_on`` (default: the store itself), on the rows of
     ``whiten_subset`` only when given; or taken as given (``whitening``, labelled ``whiten_label``),
-    which is how distractor stores share the whitening of the dataset they are added to."""
+    which is how distractor stores share the whitening of the dataset they are added to.
+
+    On a store indexed before (same L, dim, index kind; no new whitening asked for, no ``refit``), only
+    the partitions added or re-extracted since get vectors and new shards; the fitted whitening is kept.
+    Commits as one step (`commit_index`): shards are written under new names and the previous index
+    stays in use until the store manifest names the new one. Holds the store's lock."""
+    from rmac.storage.lock import StoreLock
+
+    with StoreLock(store.path, "index", wait=wait):
+        store.reload()  # what the previous holder committed; the caller's handle sees what we commit
+        finish_commit(store)
+        return _build_index(store, client, whiten_on, L, dim, shard_rows, index_kind, whiten_subset,
+                            whiten_label, whitening, progress, refit, nlist, ivf_codec)
+
+
+def _build_index(store, client, whiten_on, L, dim, shard_rows, index_kind, whiten_subset, whiten_label,
+                 whitening, progress, refit, nlist=None, ivf_codec="flat") -> dict:
     from distributed import wait
 
-    from rmac.storage.index import write_manifest
-
     store.require_complete()
+    for p in range(store.n_partitions):  # stat calls only: a deleted file must not index as zeros
+        r = store.partition_rows(p)
+        store.require_chunks(r.start, r.stop)
+        if not id_tables.table_file(store.path, p).is_file():
+            raise StoreError(f"{store.path}: id table of partition {p} is missing: the store is damaged; "
+                             f"run `rmac verify {store.path}`")
     source = whiten_on or store
     mine, theirs = store.config, source.config
     if (theirs.backbone, theirs.channels, theirs.weights) != (mine.backbone, mine.channels, mine.weights):
@@ -137,40 +197,151 @@ def build_index(store: Store, client, whiten_on: Store | None = None, L: int = D
                          f"features, the store {mine.backbone} ({mine.weights}): they must match")
     timings = {}
     t = time.perf_counter()
-    w = whitening if whitening is not None else fit_whitening(source, client, L, dim, whiten_subset)
+    before = store.manifest.get("index")
+    incremental = (before is not None and "commit" in before and not refit and whitening is None and whiten_on is None
+                   and whiten_subset is None and before.get("L") == L and before.get("index_kind") == index_kind
+                   and (dim is None or before.get("dim") == min(dim, store.config.channels)))
+    if incremental:
+        w = load_whitening(store)  # checked against its hash
+        wid = store.load_whitening()[3]["id"]
+        if wid != before.get("whitening_id"):
+            raise StoreError(f"{store.path}: the whitening ({wid}) is not the one the index was built with "
+                             f"({before.get('whitening_id')}): run `rmac index {store.path} --refit`")
+        fitted_on = before["whitening"]
+    else:
+        w = whitening if whitening is not None else fit_whitening(source, client, L, dim, whiten_subset)
+        fitted_on = whiten_label or str(source.path)
+        wid = store.save_whitening(w.mean, w.proj, w.eigvals, {
+            "fitted_on": fitted_on, "n_vectors": int(w.n_fit), "L": L, "dim": int(w.proj.shape[0]),
+            "shrinkage": float(w.shrinkage)}, aside=True)
     timings["whitening_s"] = time.perf_counter() - t
-    fitted_on = whiten_label or str(source.path)
-    store.save_whitening(w.mean, w.proj, w.eigvals, {
-        "fitted_on": fitted_on, "n_vectors": int(w.n_fit), "L": L, "dim": int(w.proj.shape[0]),
-        "shrinkage": float(w.shrinkage)})
 
     t = time.perf_counter()
     D = w.proj.shape[0]
     g = store.arrays
     P = store.config.partition_size
+    rows = store.n_images
     for k in VECTOR_KINDS:
-        g.create_array(k, shape=(max(store.n_images, 1), D), chunks=(P, D), dtype="float32",
-                       fill_value=0.0, overwrite=True)
+        if incremental and k in g and g[k].shape[1] == D:
+            if g[k].shape[0] != rows:
+                g[k].resize((rows, D))
+        else:
+            g.create_array(k, shape=(rows, D), chunks=(P, D), dtype="float32", fill_value=0.0,
+                           overwrite=True)
+    redo = [p for p in range(store.n_partitions) if not incremental or _stale(store, p, wid, L)]
     w_future = client.scatter(w, broadcast=True)
-    futures = [client.submit(partition_vectors, store, p, w_future, L, pure=False, retries=2)
-               for p in range(store.n_partitions)]
+    futures = [client.submit(partition_vectors, store, p, w_future, L, wid, pure=False, retries=2)
+               for p in redo]
     _wait(futures, "vectors", progress)
     timings["vectors_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    ranges = shard_ranges(store, shard_rows)
+    redone = set(redo)
+    kept = {k: [] for k in VECTOR_KINDS}
+    if incremental:
+        for k in VECTOR_KINDS:
+            for e in before["shard_lists"][k]:
+                parts = range(store.partition_of(e["start"]), store.partition_of(max(e["stop"] - 1, e["start"])) + 1)
+                f = store.path / "index" / k / e["file"]
+                intact = f.is_file() and f.stat().st_size == e.get("bytes", -1)  # else: built again
+                if intact and e["stop"] > e["start"] and not redone.intersection(parts):
+                    kept[k].append(e)
+    both = set.intersection(*({(e["start"], e["stop"]) for e in kept[k]} for k in VECTOR_KINDS))
+    kept = {k: [e for e in kept[k] if (e["start"], e["stop"]) in both] for k in VECTOR_KINDS}
+    covered = {store.partition_of(r) for a, b in both for r in range(a, b)}
+    todo = [p for p in range(store.n_partitions) if p not in covered]
+    ranges = shard_ranges(store, shard_rows, todo)
+    shards = {}
+    ivf = {}
+    if index_kind == "ivf" and ranges:  # one k-means per vector kind on a sample; every shard adds to a copy
+        from rmac.workflows.ivf import TEMPLATE, train_template
+
+        trained = {k: client.submit(train_template, store, k, nlist, ivf_codec, 0,
+                                    str(store.path / "index" / "ivf" / k), pure=False) for k in VECTOR_KINDS}
+        ivf = {k: f.result() for k, f in trained.items()}
+        timings["ivf_train_s"] = time.perf_counter() - t
     for k in VECTOR_KINDS:
-        shards = [client.submit(build_shard_file, store, k, i, a, b, index_kind, pure=False, retries=2)
-                  for i, (a, b) in enumerate(ranges)]
-        wait(shards)
-        write_manifest(store.path / "index" / k, [f.result() for f in shards],
-                       {"vectors": k, "whitening": fitted_on})
+        template = str(store.path / "index" / "ivf" / k / TEMPLATE) if ivf else None
+        used = [e["file"] for e in (before or {}).get("shard_lists", {}).get(k, [])]  # never overwrite those
+        first = 1 + max([_shard_number(f) for f in used], default=-1)
+        futs = [client.submit(build_shard_file, store, k, first + i, a, b, index_kind, template, pure=False,
+                              retries=2)
+                for i, (a, b) in enumerate(ranges)]
+        wait(futs)
+        shards[k] = sorted(kept[k] + [f.result() for f in futs], key=lambda e: e["start"])
     timings["faiss_s"] = time.perf_counter() - t
-    info = {"store": str(store.path), "whitening": fitted_on, "L": L, "dim": int(D),
-            "shards": len(ranges), "index_kind": index_kind,
+    info = {"store": str(store.path), "whitening": fitted_on, "whitening_id": wid, "L": L, "dim": int(D),
+            "shards": len(shards["rmac"]), "index_kind": index_kind, "rows": rows,
+            "partitions": store.n_partitions, "revision": int(store.manifest.get("revision", 0)),
+            "incremental": incremental, "partitions_indexed": len(redo), "shards_built": len(ranges),
             "timings": {k: round(v, 3) for k, v in timings.items()}}
-    store.update_manifest(index=info)
+    if ivf:
+        info["ivf"] = ivf
+    commit_index(store, info, shards)
+    store.log_run({"command": "index", "version": _version(), "incremental": incremental,
+                   "partitions_indexed": len(redo), "shards_built": len(ranges),
+                   "seconds": round(sum(timings.values()), 2)})
     return info
+
+
+def _version() -> str:
+    from rmac.workflows.extract import _version as v
+
+    return v()
+
+
+def _shard_number(name: str) -> int:
+    return int(name.split("_")[1].split(".")[0])
+
+
+def _stale(store: Store, p: int, wid: str, L: int) -> bool:
+    """Partition ``p``'s vectors are missing or were built from another record or whitening."""
+    got = vector_part(store, p)
+    r = store.partition_rows(p)
+    return (got is None or store.missing_chunks(r.start, r.stop, names=VECTOR_KINDS, exclude=()) or got.get("whitening") != wid or got.get("L") != L
+            or got.get("record") != store.partition_digest(p))
+
+
+def commit_index(store: Store, info: dict, shards: dict[str, list[dict]]) -> None:
+    """Make the new index the store's in one step. Each kind's shard list is written aside
+    (``manifest.<token>.json``), then the store manifest's ``index`` entry (the commit point) names it,
+    then `finish_commit` moves the staged files in place (redone by any later run if killed there)."""
+    from rmac.storage.index import write_manifest
+
+    token = checksums.digest_bytes(json.dumps([info["whitening_id"], shards], sort_keys=True).encode())[:16]
+    for k in VECTOR_KINDS:
+        folder = store.path / "index" / k
+        write_manifest(folder, shards[k], {"vectors": k, "whitening": info["whitening"],
+                                           "whitening_id": info["whitening_id"], "commit": token},
+                       name=f"manifest.{token}.json")
+    store.update_manifest(index={**info, "commit": token, "shard_lists": shards})
+    finish_commit(store)
+
+
+def finish_commit(store: Store) -> None:
+    """Roll a committed index forward: staged whitening and shard manifests in place, stale files gone.
+    Only under the store's lock (it deletes what an unfinished build left)."""
+    info = store.manifest.get("index")
+    if not info or "commit" not in info:
+        return
+    store.install_whitening(info["whitening_id"])
+    token = info["commit"]
+    for k in VECTOR_KINDS:
+        folder = store.path / "index" / k
+        staged = folder / f"manifest.{token}.json"
+        if staged.exists():
+            os.replace(staged, folder / "manifest.json")
+        if not folder.is_dir():
+            continue
+        keep = {e["file"] for e in info["shard_lists"][k]} | {"manifest.json"}
+        for f in folder.glob("*"):  # shards and manifests of replaced or unfinished builds
+            if f.name not in keep and f.is_file():
+                f.unlink(missing_ok=True)
+    for f in store.path.glob(".whitening.*"):
+        if f.name != f".whitening.{info['whitening_id']}":
+            import shutil
+
+            shutil.rmtree(f, ignore_errors=True)
 
 
 def _wait(futures, desc: str, progress: bool) -> None:
@@ -190,10 +361,51 @@ def load_whitening(store: Store) -> wh.Whitening:
                         shrinkage=float(attrs.get("shrinkage", 0.0)))
 
 
+def _staged(store: Store, info: dict) -> bool:
+    return (store.path / f".whitening.{info['whitening_id']}").exists() or any(
+        (store.path / "index" / k / f"manifest.{info['commit']}.json").exists() for k in VECTOR_KINDS)
+
+
 def require_indexed(store: Store) -> dict:
+    """The store's committed index, checked: the whitening is the one it was built with (by hash), each
+    FAISS folder holds that commit's shards, and no partition was re-extracted since."""
     info = store.manifest.get("index")
     if not info:
         raise StoreError(f"{store.path} was never indexed: run `rmac index {store.path}` first")
+    if "commit" not in info:
+        raise StoreError(f"{store.path}: index from an older rmac: run `rmac index {store.path} --refit`")
+    if _staged(store, info):  # killed between the commit and putting its files in place: finish it
+        from rmac.storage.lock import StoreLock, StoreLocked
+
+        try:
+            with StoreLock(store.path, "search (finishing an index commit)"):
+                finish_commit(Store(store.path))
+        except StoreLocked:
+            raise StoreError(f"{store.path}: an index commit is being finished by another process: "
+                             "retry in a moment") from None
+    wid = store.load_whitening()[3].get("id")
+    if wid != info["whitening_id"]:
+        raise StoreError(f"{store.path}: the whitening ({wid}) is not the one the index was built with "
+                         f"({info['whitening_id']}): run `rmac index {store.path} --refit`")
+    if int(store.manifest.get("revision", 0)) != info.get("revision"):
+        raise StoreError(f"{store.path}: images were re-extracted since the index was built: "
+                         f"run `rmac index {store.path}`")
+    for k in VECTOR_KINDS:
+        try:
+            meta = json.loads((store.path / "index" / k / "manifest.json").read_text())
+        except (OSError, ValueError):
+            raise StoreError(f"{store.path}/index/{k}/manifest.json is missing or damaged: "
+                             f"run `rmac index {store.path}`") from None
+        for e in info["shard_lists"][k]:
+            f = store.path / "index" / k / e["file"]
+            size = f.stat().st_size if f.is_file() else None
+            if size is None or ("bytes" in e and size != e["bytes"]):
+                what = "missing" if size is None else f"{size} bytes, not {e['bytes']}"
+                raise StoreError(f"{f} is {what}: the index is damaged; run `rmac index {store.path}` to rebuild it")
+        if meta.get("meta", {}).get("commit") != info["commit"] or \
+                [e["file"] for e in meta.get("shards", [])] != [e["file"] for e in info["shard_lists"][k]]:
+            raise StoreError(f"{store.path}/index/{k} does not hold the committed index: "
+                             f"run `rmac index {store.path}`")
     return info
 
 
@@ -209,16 +421,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="whitened dimensions (default %(default)s)")
     parser.add_argument("--shard-rows", type=positive_int, default=DEFAULT_SHARD_ROWS, help="rows per FAISS shard")
     parser.add_argument("--ivf", action="store_true", help="IVF shards instead of exact inner product")
+    parser.add_argument("--nlist", type=int, help="IVF lists (default about 4 sqrt(N), a power of two)")
+    parser.add_argument("--ivf-codec", choices=("flat", "sq8"), default="flat",
+                        help="IVF list storage: float vectors or 8-bit scalar quantised (default %(default)s)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument("--refit", action="store_true",
+                        help="learn the whitening again over everything and rebuild every vector "
+                             "(default on an indexed store: keep it, index only new partitions)")
+    parser.add_argument("--wait", action="store_true",
+                        help="wait for another extract/index holding the store's lock (default: exit at once)")
 
 
 def main(args: argparse.Namespace, client) -> int:
-    import json
-
     store = Store(args.store)
     other = Store(args.whiten_on) if args.whiten_on else None
-    info = build_index(store, client, other, args.L, args.dim, args.shard_rows, "ivf" if args.ivf else "flat")
+    info = build_index(store, client, other, args.L, args.dim, args.shard_rows, "ivf" if args.ivf else "flat",
+                       refit=args.refit, wait=args.wait, nlist=args.nlist, ivf_codec=args.ivf_codec)
     print(json.dumps(info, indent=1) if args.json else
           f"indexed {store.path}: whitening fitted on {info['whitening']}, {info['dim']}-D, "
-          f"{info['shards']} shard(s); {info['timings']}")
+          f"{info['shards']} shard(s); {info['partitions_indexed']} partition(s) and {info['shards_built']} "
+          f"shard(s) built{' (incremental)' if info['incremental'] else ''}; {info['timings']}")
     return 0

@@ -47,6 +47,7 @@ class SearchParams:
     s: float = 1.1
     L: int = 3
     exact: bool = False  # float integral images instead of the LUT path
+    nprobe: int | None = None  # IVF lists probed per shard (None: the shard's own)
 
 
 @dataclass
@@ -114,6 +115,15 @@ class Database:
                 raise StoreError(f"{s.path} is indexed with another whitening than {first.path}: "
                                  f"re-index it with `rmac index {s.path} --whiten-on {first.path}`")
         self._indexes: dict[str, list] = {}
+        self.scattered = None  # a ScatteredFilter once `scatter_filtering` is called
+
+    def scatter_filtering(self, client) -> "Database":
+        """Let the workers of ``client`` hold the FAISS shards and filter where they live
+        (`rmac.workflows.filtering`); the client no longer loads any shard."""
+        from rmac.workflows.filtering import ScatteredFilter
+
+        self.scattered = ScatteredFilter(client, [s.path for s in self.stores], self.offsets[:-1].tolist())
+        return self
 
     @property
     def n_images(self) -> int:
@@ -139,12 +149,14 @@ class Database:
             self._indexes[kind] = [ShardedIndex(s.path / "index" / kind) for s in self.stores]
         return self._indexes[kind]
 
-    def filter(self, kind: str, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def filter(self, kind: str, q: np.ndarray, k: int, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top ``k`` (scores, global rows) of every query row of ``q`` by cosine, best first."""
         q = np.atleast_2d(q).astype(np.float32)
+        if self.scattered is not None:
+            return self.scattered.search(kind, q, k, nprobe)
         parts_s, parts_i = [], []
         for index, off in zip(self.index(kind), self.offsets):
-            s, i = index.search(q, min(k, index.ntotal) if index.ntotal else 1)
+            s, i = index.search(q, min(k, index.ntotal) if index.ntotal else 1, nprobe=nprobe)
             parts_s.append(np.where(i >= 0, s, -np.inf))
             parts_i.append(np.where(i >= 0, i + off, -1))
         scores, ids = np.concatenate(parts_s, 1), np.concatenate(parts_i, 1)
@@ -239,7 +251,7 @@ def answer(db: Database, client, qv: QueryVectors, params: SearchParams, whiteni
     qf = qv.rmac if params.filter == "rmac" else qv.macw
     timings = {}
     t = time.perf_counter()
-    scores, rows = db.filter(kind, qf, max(k or 0, params.top_n))
+    scores, rows = db.filter(kind, qf, max(k or 0, params.top_n), params.nprobe)
     valid = rows[0] >= 0
     scores, rows = scores[0][valid], rows[0][valid]
     timings["filter_s"] = time.perf_counter() - t
@@ -288,7 +300,7 @@ def to_json(db: Database, qv: QueryVectors, ranking: Ranking, query_path: str, l
 def search(store_paths: list[str], client, query_path: str, bbox=None, params: SearchParams = SearchParams(),
            choice: ModelChoice | None = None, k: int | None = None) -> dict:
     """The whole search for one query image; returns the JSON-able result."""
-    db = Database([Store(p) for p in store_paths])
+    db = Database([Store(p) for p in store_paths]).scatter_filtering(client)
     cfg = db.stores[0].config
     if cfg.weights == "random":
         raise StoreError(f"{db.stores[0].path} holds random-weight features (benchmarks only)")
@@ -321,6 +333,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rerank", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--qe", type=nonnegative_int, default=5, help="query expansion with the top QE (0: off)")
     parser.add_argument("--filter", choices=("rmac", "mac"), default="rmac")
+    parser.add_argument("--nprobe", type=positive_int, help="IVF lists probed per shard (indexes built with --ivf)")
     parser.add_argument("--show", type=positive_int, default=20,
                         help="hits printed / drawn / written per query (default %(default)s)")
     parser.add_argument("--json", nargs="?", const="-", metavar="OUT", type=_json_out,
@@ -331,7 +344,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace, client) -> int:
     params = SearchParams(top_n=args.top_n, rerank=args.rerank, qe=args.qe if args.rerank else 0,
-                          filter=args.filter)
+                          filter=args.filter, nprobe=args.nprobe)
     if args.queries or args.query is None:
         return _main_batch(args, client, params)
     result = search([args.store, *args.distractors], client, args.query, args.bbox, params,

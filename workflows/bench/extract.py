@@ -26,7 +26,7 @@ from pathlib import Path
 from rmac.data import LANDMARKS_DEV
 from rmac.workflows.bench.machine import machine
 from rmac.storage.images import MIN_SIDE
-from rmac.workflows.args import int_range, nonnegative_int, positive_int
+from rmac.workflows.args import int_range, positive_int
 
 
 def plain_loop(items: list[tuple[str, str]], backbone: str, max_size: int, random_weights: bool) -> float:
@@ -57,7 +57,7 @@ def plain_script(items: list[tuple[str, str]], backbone: str, max_size: int, ran
     return {"import_s": import_s, "model_s": model_s, "loop_s": time.perf_counter() - t}
 
 
-def _images(n_images: int) -> list[tuple[str, str]]:
+def _images(n_images: int | None) -> list[tuple[str, str]]:
     from rmac.storage.images import list_images
 
     items = list_images(str(LANDMARKS_DEV / "jpg"))
@@ -90,7 +90,7 @@ def _run_command(list_file: Path, store: Path, backbone: str, max_size: int, wor
     return seconds
 
 
-def bench_extract(n_images: int = 0, backbone: str = "efficientnet-lite0", max_size: int = 1024,
+def bench_extract(n_images: int | None = None, backbone: str = "efficientnet-lite0", max_size: int = 1024,
                   workers: int | None = None, random_weights: bool = False, repeat: int = 1,
                   steady: bool = False) -> dict:
     """The whole `rmac extract` command (and, with ``steady``, the warm Dask extraction) against the
@@ -144,7 +144,7 @@ def _steady(items, tmp: Path, backbone: str, max_size: int, workers: int | None,
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--images", type=nonnegative_int, default=0, help="the first N embedded photos (default: all)")
+    p.add_argument("--images", type=positive_int, default=None, help="the first N embedded photos (default: all)")
     p.add_argument("--backbone", default="efficientnet-lite0")
     p.add_argument("--max-size", type=int_range(MIN_SIDE, 65536), default=1024)
     p.add_argument("--workers", type=positive_int)

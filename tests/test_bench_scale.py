@@ -1,0 +1,45 @@
+"""`rmac bench scale` helpers: peak RSS of every process, recall, the disk check."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from distributed import wait
+
+from rmac.workflows.bench.scale import Peaks, bytes_needed, check_disk, recall_at
+
+
+def test_peaks_see_a_worker_allocation_and_reset(client):
+    peaks = Peaks(client)
+    peaks.reset()
+    base = peaks.read("base")
+    workers = sorted(client.scheduler_info()["workers"])
+    block = client.submit(np.ones, 300 * 2**20, dtype=np.uint8, workers=[workers[0]], pure=False)  # resident
+    wait(block)
+    after = peaks.read("after")
+    del block  # the worker frees it (asynchronously)
+    assert set(after) == set(base) and {"worker0", "worker1"} <= set(after)
+    assert any(k.startswith("client") for k in after) and "scheduler" in " ".join(after)
+    assert after["worker0"] >= base["worker0"] + 250  # MiB: the 300 MiB block, seen
+    assert after["worker1"] < base["worker1"] + 100  # the other worker did not allocate it
+    for _ in range(50):  # the peak is reset to the current RSS, once the block is gone
+        time.sleep(0.2)
+        peaks.reset()
+        again = peaks.read("reset")
+        if again["worker0"] < after["worker0"] - 250:
+            break
+    assert again["worker0"] < after["worker0"] - 250
+
+
+def test_recall_at():
+    exact = np.array([[1, 2, 3, 4], [5, 6, 7, -1]])
+    found = np.array([[4, 3, 9, 8], [7, 6, 5, -1]])
+    assert recall_at(found, exact) == pytest.approx((2 / 4 + 3 / 3) / 2)
+    assert recall_at(exact, exact) == 1.0
+
+
+def test_disk_check_refuses_with_the_size_needed(tmp_path):
+    check_disk(tmp_path, 1, 10)
+    with pytest.raises(SystemExit, match=r"need about [0-9.]+ GiB .* GiB free"):
+        check_disk(tmp_path, bytes_needed(10**15, 1000), 1000)

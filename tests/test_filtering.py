@@ -1,0 +1,93 @@
+"""Filtering on the workers that hold the FAISS shards, against client-side search; IVF trained once."""
+from __future__ import annotations
+
+import shutil
+
+import faiss
+import numpy as np
+import pytest
+
+from rmac.storage.index import ShardedIndex, build_shard, load_shard
+from rmac.storage.store import Store
+from rmac.workflows.filtering import held_shards
+from rmac.workflows.search import Database
+
+
+def _queries(store: Store, n: int = 6) -> dict[str, np.ndarray]:
+    g = store.arrays
+    rng = np.random.default_rng(0)
+    out = {}
+    for kind in ("rmac", "macw"):
+        x = g[kind][:]
+        q = x[rng.choice(len(x), n, replace=False)] + 0.05 * rng.standard_normal((n, x.shape[1]))
+        out[kind] = (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
+    return out
+
+
+def test_worker_held_shards_equal_client_side_search(client, dev_store):
+    db_client = Database([Store(dev_store.path)])
+    db_workers = Database([Store(dev_store.path)]).scatter_filtering(client)
+    queries = _queries(dev_store.store)
+    n_shards = dev_store.info["shards"]
+    assert n_shards >= 3
+    for kind, q in queries.items():
+        for k in (1, 10, dev_store.store.n_images + 5):
+            ref_s, ref_i = db_client.filter(kind, q, k)
+            got_s, got_i = db_workers.filter(kind, q, k)
+            got_s, got_i = got_s[:, :ref_s.shape[1]], got_i[:, :ref_i.shape[1]]
+            np.testing.assert_allclose(got_s, ref_s, atol=1e-5)
+            assert np.mean(got_i == ref_i) > 0.99  # ties aside, the same rows
+    # every shard is held by exactly one worker, loaded once: searching again loads nothing new
+    plan = db_workers.scattered.plan("rmac")
+    assert sum(len(r) for r in plan.values()) == n_shards and len(plan) == 2
+    before = client.run(held_shards)
+    db_workers.filter("rmac", queries["rmac"], 5)
+    assert client.run(held_shards) == before
+    assert sum(before.values()) >= 2 * n_shards  # rmac and macw shards, spread over both workers
+    assert all(v > 0 for v in before.values())
+
+
+def test_ivf_template_shards_share_lists_and_full_probe_is_exact(client, dev_store, tmp_path):
+    """`rmac index --ivf`: one k-means per vector kind; every shard copies it; probing every list
+    returns exactly the flat top k, through the workers."""
+    from rmac.workflows.index import build_index, load_whitening
+
+    path = tmp_path / "ivf-store"
+    shutil.copytree(dev_store.path, path)
+    st = Store(path)
+    w = load_whitening(st)
+    nlist = 4
+    info = build_index(st, client, whitening=w, whiten_label="dev distractors", shard_rows=16,
+                       index_kind="ivf", nlist=nlist, progress=False)
+    assert info["shards"] >= 3 and "ivf_train_s" in info["timings"]
+    index = ShardedIndex(path / "index" / "rmac")
+    assert info["ivf"]["rmac"]["nlist"] == nlist and info["ivf"]["macw"]["nlist"] == nlist
+    centroids = [faiss.extract_index_ivf(s).quantizer.reconstruct_n(0, nlist) for s in index.shards]
+    for c in centroids[1:]:
+        np.testing.assert_array_equal(c, centroids[0])
+    flat = Database([Store(dev_store.path)])
+    ivf = Database([Store(path)]).scatter_filtering(client)
+    for kind, q in _queries(st).items():
+        ref_s, ref_i = flat.filter(kind, q, 20)
+        got_s, got_i = ivf.filter(kind, q, 20, nprobe=nlist)
+        np.testing.assert_allclose(got_s, ref_s, atol=1e-5)
+        one_s, _ = ivf.filter(kind, q, 20, nprobe=1)  # fewer lists: never better than exact
+        assert np.all(np.nan_to_num(one_s, neginf=-9) <= ref_s + 1e-5)
+
+
+def test_build_shard_from_template_equals_its_own_training():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((600, 16)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    quantiser = faiss.IndexFlatIP(16)
+    template = faiss.IndexIVFFlat(quantiser, 16, 8, faiss.METRIC_INNER_PRODUCT)
+    template.train(x)
+    a = build_shard(x[:300], 0, kind="ivf", template=template, nprobe=8)
+    b = build_shard(x[300:], 300, kind="ivf", template=template, nprobe=8)
+    assert template.ntotal == 0 and a.ntotal == 300 and b.ntotal == 300
+    q = x[:5]
+    da, ia = a.search(q, 3)
+    np.testing.assert_array_equal(ia[:, 0], np.arange(5))
+    np.testing.assert_allclose(da[:, 0], 1.0, atol=1e-5)
+    with pytest.raises(ValueError, match="trained, empty"):
+        build_shard(x[:10], 0, kind="ivf", template=a)

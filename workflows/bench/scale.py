@@ -1,0 +1,390 @@
+"""`rmac bench scale --count N`: the cost curve of a database of N synthetic distractors + the dev set.
+
+One run, side by side: build time per stage and the peak resident memory of every process (client,
+scheduler, each worker: ``VmHWM`` from /proc, reset before each stage by ``/proc/self/clear_refs``);
+bytes per image on disk; filtering per query (p50 / p95) exact on the workers that hold the shards,
+exact in the client (the old path; skipped above 200k images, where it would load every shard into
+one process), and IVF at a few ``nprobe`` with its recall@1000 against exact; AML re-ranking of the
+top 1000 read from the store, QE and the end-to-end query time (query extraction included); the
+similarity of the real queries to real distractor photos against synthetic distractors (quantiles of
+MAC, R-MAC and the AML score); and a last line ``SCALE key=value ...`` for scripts.
+
+Queries and the real database part are the embedded `landmarks-dev` (extracted once per run, or
+reused from ``--workdir``). Everything written goes under a temporary work folder removed at the end
+unless ``--keep``; the run refuses to start when the disk cannot hold it (it says how much it needs).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from rmac.data import LANDMARKS_DEV
+from rmac.workflows.bench.machine import machine
+
+CLIENT_SIDE_LIMIT = 200_000
+NPROBES = (8, 32, 128)
+QUANTILES = (0.5, 0.9, 0.99, 1.0)
+
+
+# -- memory --------------------------------------------------------------------------------------
+def _vm(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def reset_peak() -> int:
+    """Reset this process's peak RSS (``VmHWM``) to its current RSS; returns the pid."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass  # not permitted: the peak then covers the process's life, an upper bound
+    return os.getpid()
+
+
+def peak_rss() -> tuple[int, int]:
+    """(pid, peak resident bytes since the last `reset_peak`) of this process."""
+    return os.getpid(), _vm("VmHWM")
+
+
+class Peaks:
+    """Peak RSS of the client, the scheduler and every worker, per stage."""
+
+    def __init__(self, client):
+        self.client = client
+        self.stages: dict[str, dict[str, float]] = {}
+
+    def reset(self) -> None:
+        reset_peak()
+        self.client.run(reset_peak)
+        self.client.run_on_scheduler(reset_peak)
+
+    def read(self, stage: str) -> dict[str, float]:
+        me = peak_rss()
+        sched = self.client.run_on_scheduler(peak_rss)
+        workers = self.client.run(peak_rss)
+        out = {}
+        if sched[0] == me[0]:
+            out["client+scheduler"] = max(me[1], sched[1])
+        else:
+            out["client"], out["scheduler"] = me[1], sched[1]
+        for i, (_, (_, b)) in enumerate(sorted(workers.items())):
+            out[f"worker{i}"] = b
+        self.stages[stage] = {k: round(v / 2**20, 1) for k, v in out.items()}
+        return self.stages[stage]
+
+
+# -- disk ----------------------------------------------------------------------------------------
+def tree_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def bytes_needed(per_image: float, count: int) -> int:
+    """Disk for ``count`` distractors: their maps and vectors (measured per image on the real store),
+    the exact and IVF shards of both vector kinds, and 25 % margin."""
+    return int(1.25 * per_image * count)
+
+
+def check_disk(root: Path, need: int, count: int) -> None:
+    """Refuse (one line, SystemExit) when ``root``'s file system has less than ``need`` bytes free."""
+    free = shutil.disk_usage(root).free
+    if need > free:
+        raise SystemExit(f"rmac bench scale: {count} distractors need about {need / 2**30:.1f} GiB under {root}, "
+                         f"only {free / 2**30:.1f} GiB free: use --workdir elsewhere or a smaller --count")
+
+
+# -- timing helpers ------------------------------------------------------------------------------
+def pct(xs: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(xs, np.float64), q)) if xs else float("nan")
+
+
+def time_filter(db, kind: str, queries: np.ndarray, k: int, nprobe=None, repeat: int = 3):
+    """Per-query filtering times (s) and the last top-k rows of each query."""
+    times, rows = [], []
+    for qrow in queries:
+        for _ in range(repeat):
+            t = time.perf_counter()
+            _, r = db.filter(kind, qrow[None], k, nprobe)
+            times.append(time.perf_counter() - t)
+        rows.append(r[0])
+    return times, np.stack(rows)
+
+
+def recall_at(found: np.ndarray, exact: np.ndarray) -> float:
+    """Mean fraction of the exact top k found in the approximate top k."""
+    return float(np.mean([len(set(f[f >= 0].tolist()) & set(e[e >= 0].tolist())) / max(1, (e >= 0).sum())
+                          for f, e in zip(found, exact)]))
+
+
+def quantile_row(x: np.ndarray) -> list[float]:
+    return [round(float(np.quantile(x, q)), 4) for q in QUANTILES] if len(x) else [float("nan")] * len(QUANTILES)
+
+
+# -- the run -------------------------------------------------------------------------------------
+def bench_scale(count: int, workdir: str | None = None, keep: bool = False, n_workers: int | None = None,
+                scheduler: str | None = None, max_size: int = 1024, shard_rows: int = 100_000,
+                top_n: int = 1000, n_queries: int | None = None, nprobes=NPROBES, seed: int = 0,
+                similarity_sample: int = 2000, progress: bool = False) -> dict:
+    from rmac.ops import whitening as wh  # noqa: F401  (workers unpickle whitening objects)
+    from rmac.storage.datasets import load_dataset
+    from rmac.storage.store import Store
+    from rmac.workflows.cluster import get_client
+    from rmac.workflows.distractors import make_distractors
+    from rmac.workflows.evaluate import whitening_subset
+    from rmac.workflows.extract import ModelChoice, extract
+    from rmac.workflows.index import build_index, load_whitening, shard_ranges
+    from rmac.workflows.ivf import TEMPLATE, build_ivf, train_template
+    from rmac.workflows.search import (Database, SearchParams, answer, query_maps, query_vectors,
+                                       rerank_many)
+
+    ds = load_dataset(str(LANDMARKS_DEV))
+    root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="rmac-scale-"))
+    root.mkdir(parents=True, exist_ok=True)
+    out: dict = {"machine": machine(), "count": count, "top_n": top_n, "workdir": str(root)}
+    stages: dict[str, float] = {}
+    try:
+        with get_client(scheduler, n_workers, quiet=True) as client:
+            peaks = Peaks(client)
+            out["workers"] = len(client.scheduler_info()["workers"])
+
+            # 1. the real part: the embedded dev set, extracted and indexed as `rmac evaluate` does
+            peaks.reset()
+            t = time.perf_counter()
+            extract([(i, str(ds.image_paths[i])) for i in ds.images], str(root / "dev"), client,
+                    ModelChoice(), max_size, progress=progress)
+            dev = Store(root / "dev")
+            rows_of = {i: r for r, i in enumerate(dev.ids)}
+            subset = whitening_subset(ds, rows_of, dev.n_images) & dev.valid_rows()
+            build_index(dev, client, whiten_subset=subset, whiten_label="dev distractors", progress=False)
+            stages["dev_extract_index_s"] = time.perf_counter() - t
+            peaks.read("dev extract+index")
+            w = load_whitening(dev)
+            per_image = (tree_bytes(dev.path / "arrays") + tree_bytes(dev.path / "index")) / dev.n_images
+            per_image *= 1.6  # + the IVF shards (about the exact shards' size again, less the maps)
+            need = bytes_needed(per_image, count)
+            if not (root / "distractors" / "manifest.json").exists():
+                check_disk(root, need, count)
+            out["disk_needed_estimate_gib"] = round(need / 2**30, 2)
+
+            # 2. the distractors, then their index with the dev set's whitening
+            peaks.reset()
+            t = time.perf_counter()
+            make_distractors(str(dev.path), str(root / "distractors"), count, client, seed=seed,
+                             pattern="distractor_*", progress=progress)
+            stages["distractors_s"] = time.perf_counter() - t
+            peaks.read("distractors")
+            d = Store(root / "distractors")
+            peaks.reset()
+            info = build_index(d, client, whitening=w, whiten_label="dev distractors", shard_rows=shard_rows,
+                               progress=progress)
+            stages.update({f"index_{k}": v for k, v in info["timings"].items() if k != "whitening_s"})
+            peaks.read("index (vectors + exact shards)")
+
+            # 3. IVF over both stores: one k-means on a sample of the distractors, shards added in parallel
+            peaks.reset()
+            t = time.perf_counter()
+            ivf_meta = {}
+            for kind in ("rmac", "macw"):
+                folder = d.path / "index-ivf" / kind
+                ivf_meta[kind] = client.submit(train_template, d, kind, None, "flat", seed, str(folder),
+                                               pure=False).result()
+            stages["ivf_train_s"] = time.perf_counter() - t
+            t = time.perf_counter()
+            for kind in ("rmac", "macw"):
+                template = str(d.path / "index-ivf" / kind / TEMPLATE)
+                for st in (dev, d):
+                    build_ivf(client, st, kind, template, shard_ranges(st, shard_rows), "index-ivf",
+                              {"vectors": kind, "ivf": ivf_meta[kind]})
+            stages["ivf_add_s"] = time.perf_counter() - t
+            peaks.read("IVF train + add")
+            out["ivf"] = ivf_meta["rmac"]
+
+            # 4. disk
+            n_total = dev.n_images + d.n_images
+            out["bytes"] = {
+                "maps_per_image": round(d.map_bytes() / count),
+                "store_per_image": round(tree_bytes(d.path / "arrays") / count),
+                "exact_index_per_image": round(tree_bytes(d.path / "index") / count),
+                "ivf_index_per_image": round(tree_bytes(d.path / "index-ivf") / count),
+                "total_gib": round((tree_bytes(d.path) + tree_bytes(dev.path)) / 2**30, 3),
+            }
+            out["bytes"]["per_image"] = round(tree_bytes(d.path) / count)
+
+            # 5. queries
+            queries = ds.queries[:n_queries] if n_queries else ds.queries
+            qvs, q_extract = [], []
+            choice = ModelChoice()
+            client.submit(query_maps, str(ds.image_paths[queries[0].image]), queries[0].bbox, choice, max_size,
+                          pure=False).result()  # warm the worker's model
+            for q in queries:
+                t = time.perf_counter()
+                maps, hw, bbox = client.submit(query_maps, str(ds.image_paths[q.image]), q.bbox, choice,
+                                               max_size, pure=False).result()
+                qvs.append(query_vectors(maps, w, 3, hw, bbox))
+                q_extract.append(time.perf_counter() - t)
+            Q = np.stack([qv.rmac for qv in qvs]).astype(np.float32)
+            out["queries"] = len(qvs)
+            out["db_images"] = n_total
+
+            # 6. filtering: exact on the workers, exact in the client, IVF
+            peaks.reset()
+            filt = {}
+            db = Database([dev, d]).scatter_filtering(client)
+            db.scattered.warm("rmac")  # R-MAC filtering only: the workers hold no MAC shard
+            times, exact = time_filter(db, "rmac", Q, top_n)
+            filt["exact_workers"] = {"p50_ms": 1e3 * pct(times, 50), "p95_ms": 1e3 * pct(times, 95)}
+            if n_total <= CLIENT_SIDE_LIMIT:
+                db_client = Database([Store(dev.path), Store(d.path)])
+                db_client.filter("rmac", Q[:1], top_n)  # load the shards
+                times, exact_c = time_filter(db_client, "rmac", Q, top_n)
+                filt["exact_client"] = {"p50_ms": 1e3 * pct(times, 50), "p95_ms": 1e3 * pct(times, 95),
+                                        "recall_vs_workers": recall_at(exact_c, exact)}
+            from rmac.workflows.filtering import ScatteredFilter, release_held
+
+            peaks.read("filtering exact (exact shards held by workers)")
+            client.run(release_held)  # at 1M the exact and IVF shards would not both fit
+            peaks.reset()
+            ivf_db = Database([dev, d])
+            ivf_db.scattered = ScatteredFilter(client, [dev.path, d.path], ivf_db.offsets[:-1].tolist(), "index-ivf")
+            ivf_db.scattered.warm("rmac")
+            for nprobe in nprobes:
+                times, found = time_filter(ivf_db, "rmac", Q, top_n, nprobe)
+                filt[f"ivf_nprobe{nprobe}"] = {"p50_ms": 1e3 * pct(times, 50), "p95_ms": 1e3 * pct(times, 95),
+                                               f"recall@{top_n}": recall_at(found, exact)}
+            out["filtering"] = {k: {a: round(b, 4) for a, b in v.items()} for k, v in filt.items()}
+            peaks.read("filtering IVF (IVF shards held by workers)")
+            client.run(release_held)
+
+            # 7. re-ranking of the top N read from the store, QE, end to end
+            peaks.reset()
+            db.scattered.warm("rmac")
+            params = SearchParams(top_n=top_n, rerank=True, qe=5)
+            wf = client.scatter(w, broadcast=True)
+            answer(db, client, qvs[0], params, wf)  # warm-up: numba caches, file caches
+            per = {"filter_s": [], "rerank_s": [], "qe_s": [], "end_to_end_s": []}
+            for qv, te in zip(qvs, q_extract):
+                r = answer(db, client, qv, params, wf)
+                for k in ("filter_s", "rerank_s", "qe_s"):
+                    per[k].append(r.timings.get(k, 0.0))
+                per["end_to_end_s"].append(te + sum(r.timings.values()))
+            out["query"] = {k: {"p50": round(pct(v, 50), 4), "p95": round(pct(v, 95), 4)} for k, v in per.items()}
+            out["query"]["extract_s"] = {"p50": round(pct(q_extract, 50), 4), "p95": round(pct(q_extract, 95), 4)}
+            peaks.read("queries (filter + re-rank + QE)")
+
+            # 8. do synthetic distractors look like real ones to the real queries?
+            out["similarity"] = similarity_table(db, client, qvs, ds, dev, d, wf, similarity_sample, seed)
+            out["peak_rss_mib"] = peaks.stages
+            out["stages_s"] = {k: round(v, 2) for k, v in stages.items()}
+    finally:
+        if not keep:
+            shutil.rmtree(root, ignore_errors=True)
+    out["kept"] = str(root) if keep else None
+    return out
+
+
+def similarity_table(db, client, qvs, ds, dev, d, wf, sample: int, seed: int) -> dict:
+    """Quantiles of the real queries' similarity to the real distractor photos of the dev set and to
+    a sample of synthetic distractors: whitened MAC, R-MAC, and the AML score after re-ranking."""
+    from rmac.workflows.search import SearchParams, rerank_many
+
+    real = np.array([r for r, i in enumerate(dev.ids) if i.startswith("distractor_") and dev.valid_rows()[r]])
+    rng = np.random.default_rng(seed)
+    synth = np.sort(rng.choice(d.n_images, size=min(sample, d.n_images), replace=False)) + dev.n_images
+    vec = {}
+    for kind in ("macw", "rmac"):
+        vec[("real", kind)] = dev.arrays[kind][:][real]
+        arr = d.arrays[kind]
+        vec[("synthetic", kind)] = np.stack([arr[int(g - dev.n_images)] for g in synth]) if len(synth) < 5000 \
+            else arr[:][synth - dev.n_images]
+    table = {}
+    for kind, name in (("macw", "MAC"), ("rmac", "R-MAC")):
+        Qk = np.stack([qv.macw if kind == "macw" else qv.rmac for qv in qvs])
+        for src in ("real", "synthetic"):
+            table[f"{name} {src}"] = quantile_row((Qk @ vec[(src, kind)].T).ravel())
+    params = SearchParams(filter="rmac", rerank=True, qe=0)
+    for src, rows in (("real", real), ("synthetic", synth)):
+        got = rerank_many(db, client, qvs, [rows for _ in qvs], params, wf)
+        table[f"AML (R-MAC) {src}"] = quantile_row(np.array([s for g in got for s, _, _ in g.values()]))
+    return {"quantiles": list(QUANTILES), "n_real": int(len(real)), "n_synthetic": int(len(synth)),
+            "n_queries": len(qvs), "rows": table}
+
+
+def print_report(res: dict) -> None:
+    print(f"rmac bench scale: {res['count']} synthetic distractors + dev set = {res['db_images']} images, "
+          f"{res['queries']} queries, {res['workers']} workers; {res['machine']}")
+    print("build (s):  " + "  ".join(f"{k} {v}" for k, v in res["stages_s"].items()))
+    print("peak RSS (MiB) per stage and process:")
+    for stage, procs in res["peak_rss_mib"].items():
+        print(f"  {stage:<38} " + "  ".join(f"{p} {v:.0f}" for p, v in procs.items()))
+    b = res["bytes"]
+    print(f"disk: {b['per_image']} B per distractor (maps {b['maps_per_image']}, store {b['store_per_image']}, "
+          f"exact index {b['exact_index_per_image']}, IVF index {b['ivf_index_per_image']}); total "
+          f"{b['total_gib']} GiB")
+    print(f"filtering per query (top {res['top_n']}), IVF nlist {res['ivf']['nlist']} trained on "
+          f"{res['ivf']['trained_on']}:")
+    for k, v in res["filtering"].items():
+        print(f"  {k:<16} " + "  ".join(f"{a} {c}" for a, c in v.items()))
+    print("query (s, p50 / p95): " + "  ".join(f"{k} {v['p50']}/{v['p95']}" for k, v in res["query"].items()))
+    sim = res["similarity"]
+    print(f"similarity of {sim['n_queries']} real queries to {sim['n_real']} real distractor photos vs "
+          f"{sim['n_synthetic']} synthetic distractors (quantiles {sim['quantiles']}):")
+    for k, v in sim["rows"].items():
+        print(f"  {k:<22} " + "  ".join(f"{x:7.4f}" for x in v))
+    print(summary_line(res))
+
+
+def summary_line(res: dict) -> str:
+    f = res["filtering"]
+    ivf = [(k, v) for k, v in f.items() if k.startswith("ivf_")]
+    ok = [(k, v) for k, v in ivf if v[f"recall@{res['top_n']}"] >= 0.95]
+    best_k, best = min(ok, key=lambda kv: kv[1]["p50_ms"]) if ok else max(ivf, key=lambda kv: kv[1][f"recall@{res['top_n']}"])
+    peak = max(v for procs in res["peak_rss_mib"].values() for v in procs.values())
+    build = sum(v for k, v in res["stages_s"].items() if k != "dev_extract_index_s")
+    rkey = f"recall@{res['top_n']}"
+    return (f"SCALE n={res['db_images']} build_s={build:.1f} bytes_per_image={res['bytes']['per_image']} "
+            f"exact_p50_ms={f['exact_workers']['p50_ms']:.2f} exact_p95_ms={f['exact_workers']['p95_ms']:.2f} "
+            + (f"client_p50_ms={f['exact_client']['p50_ms']:.2f} " if "exact_client" in f else "")
+            + f"ivf={best_k} ivf_p50_ms={best['p50_ms']:.2f} ivf_recall={best[rkey]:.4f} "
+            f"rerank_p50_s={res['query']['rerank_s']['p50']} qe_p50_s={res['query']['qe_s']['p50']} "
+            f"e2e_p50_s={res['query']['end_to_end_s']['p50']} e2e_p95_s={res['query']['end_to_end_s']['p95']} "
+            f"peak_rss_max_mib={peak:.0f}")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from rmac.workflows.args import positive_int
+
+    p.add_argument("--count", type=positive_int, required=True, help="synthetic distractors (10000, 100000, 1000000)")
+    p.add_argument("--workdir", help="where the stores go (default: a temporary folder); reused when kept")
+    p.add_argument("--keep", action="store_true", help="keep the stores (default: remove them at the end)")
+    p.add_argument("--workers", type=int, help="LocalCluster worker processes (default: one per core)")
+    p.add_argument("--scheduler", help="tcp://HOST:PORT of a running scheduler instead of a LocalCluster")
+    p.add_argument("--max-size", type=int, default=1024)
+    p.add_argument("--shard-rows", type=int, default=100_000)
+    p.add_argument("--top-n", type=int, default=1000)
+    p.add_argument("--queries", type=int, help="use the first QUERIES dev queries (default all)")
+    p.add_argument("--nprobe", type=int, nargs="+", default=list(NPROBES), help="IVF nprobe values to measure")
+    p.add_argument("--similarity-sample", type=positive_int, default=2000,
+                   help="synthetic distractors compared with the real ones (default %(default)s)")
+    p.add_argument("--json", dest="json_out", help="also write the figures to this JSON file")
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.count < 1:
+        print("rmac bench scale: error: --count must be >= 1", file=sys.stderr)
+        return 2
+    res = bench_scale(args.count, args.workdir, args.keep, args.workers, args.scheduler, args.max_size,
+                      args.shard_rows, args.top_n, args.queries, tuple(args.nprobe),
+                      similarity_sample=args.similarity_sample, progress=False)
+    print_report(res)
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(res, indent=1))
+    return 0

@@ -1,0 +1,129 @@
+"""Filtering scattered like re-ranking: the workers hold the FAISS shards and search them in place.
+
+`rmac index` writes each store's shards as files (`index/<kind>/shard_XXX.faiss`). Instead of the
+client loading every shard (5 GB at 1M x 1280-D), `ScatteredFilter` pins each shard to one worker
+(round-robin over the workers at construction, in shard order); one task per worker and query batch
+searches that worker's shards, merges them there (`faiss.merge_knn_results`) and returns only its top
+k; the client merges the per-worker top k the same way. A worker loads a shard file once and keeps it
+(`_held`, keyed by path + mtime + size, so a re-indexed shard is read afresh). Tasks are pinned with
+``allow_other_workers=True``: if a worker dies its shards are loaded by another one.
+
+Results equal the client-side `ShardedIndex` search (exact shards: the same top k up to ties).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from rmac.storage.index import MANIFEST
+
+
+@dataclass(frozen=True)
+class ShardRef:
+    """One shard file and the global row offset of its store (hashable: part of the cache key)."""
+
+    path: str
+    mtime_ns: int
+    size: int
+    offset: int
+    kind: str
+
+
+@functools.lru_cache(maxsize=256)
+def _held(path: str, mtime_ns: int, size: int):
+    from rmac.storage.index import load_shard
+
+    return load_shard(path)
+
+
+def held_shards() -> int:
+    """How many shards this process holds (for tests and the bench)."""
+    return _held.cache_info().currsize
+
+
+def release_held() -> int:
+    """Drop every shard this process holds (``client.run(release_held)``); returns how many."""
+    n = _held.cache_info().currsize
+    _held.cache_clear()
+    return n
+
+
+def search_held(refs: list[ShardRef], q: np.ndarray, k: int, nprobe: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Search the shards ``refs`` held by this worker; merged top ``k`` with global row numbers."""
+    import faiss
+
+    all_d = np.full((max(len(refs), 1), len(q), k), -np.inf, np.float32)
+    all_i = np.full(all_d.shape, -1, np.int64)
+    for s, ref in enumerate(refs):
+        index = _held(ref.path, ref.mtime_ns, ref.size)
+        if index.ntotal == 0:
+            continue
+        params = faiss.SearchParametersIVF(nprobe=int(nprobe)) if ref.kind == "ivf" and nprobe else None
+        d, i = index.search(q, k, params=params)
+        all_d[s], all_i[s] = d, np.where(i >= 0, i + ref.offset, -1)
+    d, i = faiss.merge_knn_results(all_d, all_i, keep_max=True)
+    d[i < 0] = -np.inf
+    return d, i
+
+
+def shard_refs(store_paths: list[Path], offsets: list[int], kind: str, index_dir: str = "index") -> list[ShardRef]:
+    """Every shard of ``kind`` over ``store_paths`` (global offsets ``offsets``), in row order."""
+    refs = []
+    for path, off in zip(store_paths, offsets):
+        folder = Path(path) / index_dir / kind
+        doc = json.loads((folder / MANIFEST).read_text())
+        for e in doc["shards"]:
+            st = os.stat(folder / e["file"])
+            refs.append(ShardRef(str((folder / e["file"]).resolve()), st.st_mtime_ns, st.st_size, int(off),
+                                 e["kind"]))
+    return refs
+
+
+class ScatteredFilter:
+    """The FAISS shards of a database held by the workers of ``client`` and searched there."""
+
+    def __init__(self, client, store_paths: list[Path], offsets: list[int], index_dir: str = "index"):
+        self.client, self.index_dir = client, index_dir
+        self.store_paths, self.offsets = list(store_paths), [int(o) for o in offsets]
+        self.workers = sorted(client.scheduler_info()["workers"])
+        if not self.workers:
+            raise RuntimeError("no Dask workers to hold the FAISS shards")
+        self._plan: dict[str, dict[str, list[ShardRef]]] = {}
+
+    def plan(self, kind: str) -> dict[str, list[ShardRef]]:
+        """Worker address -> the shards of ``kind`` it holds (round-robin in shard order)."""
+        if kind not in self._plan:
+            refs = shard_refs(self.store_paths, self.offsets, kind, self.index_dir)
+            plan: dict[str, list[ShardRef]] = {w: [] for w in self.workers}
+            for j, ref in enumerate(refs):
+                plan[self.workers[j % len(self.workers)]].append(ref)
+            self._plan[kind] = {w: r for w, r in plan.items() if r}
+        return self._plan[kind]
+
+    def warm(self, kind: str) -> None:
+        """Load every shard of ``kind`` on its worker now (else the first search does)."""
+        self.search(kind, np.zeros((1, self._dim(kind)), np.float32), 1)
+
+    def _dim(self, kind: str) -> int:
+        return int(json.loads((Path(self.store_paths[0]) / self.index_dir / kind / MANIFEST).read_text())["d"])
+
+    def search(self, kind: str, q: np.ndarray, k: int, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top ``k`` (scores, global rows) of each query row, best first (-inf / -1 where none)."""
+        import faiss
+
+        q = np.ascontiguousarray(np.atleast_2d(q), dtype=np.float32)
+        futures = [self.client.submit(search_held, refs, q, k, nprobe, workers=[w], allow_other_workers=True,
+                                      pure=False)
+                   for w, refs in self.plan(kind).items()]
+        parts = self.client.gather(futures)
+        if not parts:
+            return np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64)
+        d, i = faiss.merge_knn_results(np.stack([p[0] for p in parts]), np.stack([p[1] for p in parts]),
+                                       keep_max=True)
+        d[i < 0] = -np.inf
+        return d, i
