@@ -12,7 +12,9 @@ start)
     "$bin/dask" scheduler --host 127.0.0.1 --port 0 --dashboard-address 127.0.0.1:0 \
         --scheduler-file "$dir/scheduler.json" >"$dir/scheduler.log" 2>&1 &
     echo $! >"$dir/pids"
-    for _ in $(seq 100); do [ -s "$dir/scheduler.json" ] && break; sleep 0.2; done
+    # up to 2 minutes: a loaded machine can take that long to import distributed
+    for _ in $(seq 600); do [ -s "$dir/scheduler.json" ] && break; sleep 0.2; done
+    [ -s "$dir/scheduler.json" ] || { echo "local-cluster.sh: the scheduler did not start (see $dir/scheduler.log)" >&2; exit 1; }
     for i in $(seq "$n"); do
         # the nanny sets MALLOC_TRIM_THRESHOLD_, which freezes glibc's mmap threshold at 128 kB and makes
         # torch 3x slower; a fixed large mmap threshold undoes that (see workflows/cluster.py)

@@ -61,6 +61,11 @@ __all__ = [
     "region_vector",
     "region_vectors",
     "kernel_args",
+    "SparseMaps",
+    "sparse_maps",
+    "integral_lut_sparse",
+    "integral_lut_sparse_into",
+    "take_maps",
 ]
 
 ALPHA = 10
@@ -361,3 +366,218 @@ def region_vectors(ii: Integral, boxes: np.ndarray) -> np.ndarray:
 def region_vector(ii: Integral, box) -> np.ndarray:
     """`f~` of one box `(x, y, w, h)`: float64 `(K,)`."""
     return region_vectors(ii, np.asarray(box).reshape(1, 4))[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# sparse maps: only the valid cells and the non-zeros of the channels with a response
+
+
+class SparseMaps(NamedTuple):
+    """Quantised maps of `n` images in the form the sparse kernels read: per map only its valid
+    `h x w` cells, only its channels with a response, only its non-zeros, sorted by cell (row-major)
+    and by channel within a cell, so that an integral image is built in one streaming pass.
+
+    Map `i` has the valid size `map_hw[i] = (h, w)`; its `C` active channels are
+    `chans[chan_start[i]:chan_start[i+1]]` (ascending original channel ids); the number of non-zeros
+    in each of its `h*w` cells is `cell_nnz[cell_start[i]:cell_start[i+1]]`; its non-zeros are
+    `nz_start[i]:nz_start[i+1]` of `nz_chan` (the compact channel `j`, `chans[j]` the real one) and
+    `nz_level` (`1..levels`). A map without any response has `C = 0`."""
+
+    channels: int
+    map_hw: np.ndarray
+    chan_start: np.ndarray
+    chans: np.ndarray
+    cell_start: np.ndarray
+    cell_nnz: np.ndarray
+    nz_start: np.ndarray
+    nz_chan: np.ndarray
+    nz_level: np.ndarray
+
+    @property
+    def n_maps(self) -> int:
+        return int(self.map_hw.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        return int(sum(a.nbytes for a in self[1:]))
+
+    def dense(self, i: int) -> np.ndarray:
+        """Map `i` as a dense uint8 `(K, h, w)` array."""
+        h, w = (int(v) for v in self.map_hw[i])
+        out = np.zeros((self.channels, h, w), dtype=np.uint8)
+        _densify(self.chans[self.chan_start[i]:self.chan_start[i + 1]],
+                 self.cell_nnz[self.cell_start[i]:self.cell_start[i + 1]],
+                 self.nz_chan[self.nz_start[i]:self.nz_start[i + 1]],
+                 self.nz_level[self.nz_start[i]:self.nz_start[i + 1]], out)
+        return out
+
+
+@njit(cache=True)
+def _densify(chans, cell_nnz, nz_chan, nz_level, out):
+    w = out.shape[2]
+    n = 0
+    for c in range(cell_nnz.shape[0]):
+        y, x = c // w, c % w
+        for _ in range(cell_nnz[c]):
+            out[chans[nz_chan[n]], y, x] = nz_level[n]
+            n += 1
+
+
+@njit(cache=True)
+def _pack_dense(maps, hw, chan_start, cell_start, nz_start, chans, cell_nnz, nz_chan, nz_level):
+    """Fill the SparseMaps arrays from padded uint8 maps `(n, K, Hm, Wm)` (offsets already computed):
+    two channel-major passes (sequential reads), counting per cell, then placing at each cell's cursor."""
+    K = maps.shape[1]
+    cursor = np.empty(maps.shape[2] * maps.shape[3], dtype=np.int64)
+    for i in range(maps.shape[0]):
+        h, w = hw[i, 0], hw[i, 1]
+        cs = cell_start[i]
+        for c in range(h * w):
+            cell_nnz[cs + c] = 0
+        C = 0
+        for k in range(K):
+            found = False
+            for y in range(h):
+                for x in range(w):
+                    if maps[i, k, y, x] != 0:
+                        cell_nnz[cs + y * w + x] += 1
+                        found = True
+            if found:
+                chans[chan_start[i] + C] = k
+                C += 1
+        at = nz_start[i]
+        for c in range(h * w):
+            cursor[c] = at
+            at += cell_nnz[cs + c]
+        for j in range(C):
+            k = chans[chan_start[i] + j]
+            for y in range(h):
+                for x in range(w):
+                    v = maps[i, k, y, x]
+                    if v != 0:
+                        q = cursor[y * w + x]
+                        cursor[y * w + x] += 1
+                        nz_chan[q] = j
+                        nz_level[q] = v
+
+
+def sparse_maps(maps, map_hw: np.ndarray | None = None) -> SparseMaps:
+    """`SparseMaps` of quantised uint8 maps: a list of `(K, h_i, w_i)` arrays, or one padded
+    `(n, K, Hm, Wm)` array with the valid sizes in `map_hw` `(n, 2)` `(h, w)` (default: all of it)."""
+    if isinstance(maps, np.ndarray) and maps.ndim == 4:
+        padded = maps
+        hw = (np.tile(np.array(maps.shape[2:], dtype=np.int64), (len(maps), 1)) if map_hw is None
+              else np.asarray(map_hw, dtype=np.int64).reshape(-1, 2))
+        if len(hw) != len(padded):
+            raise ValueError(f"{len(hw)} map sizes for {len(padded)} maps")
+        if (hw < 0).any() or (hw[:, 0] > padded.shape[2]).any() or (hw[:, 1] > padded.shape[3]).any():
+            raise ValueError("valid map sizes must be within the padded maps")
+        parts = [padded]
+    else:
+        maps = [np.asarray(m) for m in maps]
+        if any(m.ndim != 3 for m in maps) or len({m.shape[0] for m in maps}) > 1:
+            raise ValueError("maps must be (K, H, W) arrays with the same K")
+        if map_hw is not None:
+            raise ValueError("map_hw goes with a padded (n, K, Hm, Wm) array, not a list of maps")
+        hw = np.array([m.shape[1:] for m in maps], dtype=np.int64).reshape(-1, 2)
+        parts = [m[None] for m in maps]
+    dtypes = {p.dtype for p in parts}
+    if dtypes and dtypes != {np.dtype(np.uint8)}:
+        raise ValueError(f"expected uint8 quantised maps, got {sorted(map(str, dtypes))}")
+    K = int(parts[0].shape[1]) if parts else 0
+    n = len(hw)
+    sizes = hw[:, 0] * hw[:, 1]
+    cell_start = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    if len(parts) == 1:
+        m = np.ascontiguousarray(parts[0])
+        crop = [m[i, :, :hw[i, 0], :hw[i, 1]] for i in range(n)]
+    else:
+        crop = [p[0] for p in parts]
+    nnz = np.array([np.count_nonzero(c) for c in crop], dtype=np.int64)
+    active = np.array([int(np.count_nonzero(c.reshape(K, -1).any(axis=1))) if c.size else 0 for c in crop],
+                      dtype=np.int64)
+    chan_start = np.concatenate([[0], np.cumsum(active)]).astype(np.int64)
+    nz_start = np.concatenate([[0], np.cumsum(nnz)]).astype(np.int64)
+    out = SparseMaps(K, hw, chan_start, np.empty(chan_start[-1], np.int32), cell_start,
+                     np.empty(cell_start[-1], np.uint16), nz_start, np.empty(nz_start[-1], np.uint16),
+                     np.empty(nz_start[-1], np.uint8))
+    for i, c in enumerate(crop):
+        one = np.ascontiguousarray(c)[None] if c.size else np.zeros((1, K, 0, 0), np.uint8)
+        _pack_dense(one, hw[i:i + 1], chan_start[i:i + 2],
+                    cell_start[i:i + 2], nz_start[i:i + 2], out.chans, out.cell_nnz, out.nz_chan, out.nz_level)
+    return out
+
+
+@njit(cache=True)
+def integral_lut_sparse_into(h, w, C, cell_nnz, nz_chan, nz_level, table, out, acc):
+    """Fill `out` (int64 `(h+1, w+1, C)`) with the integral image of `table[level]` of one sparse map
+    (its `cell_nnz`, `nz_chan`, `nz_level`) in one pass over the cells; `acc`: int64 scratch `(>= C,)`."""
+    for x in range(w + 1):
+        for j in range(C):
+            out[0, x, j] = 0
+    n = 0
+    for y in range(h):
+        for j in range(C):
+            acc[j] = 0
+            out[y + 1, 0, j] = 0
+        for x in range(w):
+            for _ in range(cell_nnz[y * w + x]):
+                acc[nz_chan[n]] += table[nz_level[n]]
+                n += 1
+            for j in range(C):
+                out[y + 1, x + 1, j] = out[y, x + 1, j] + acc[j]
+
+
+def integral_lut_sparse(sp: SparseMaps, i: int, levels: int = 31, alpha: int = ALPHA) -> tuple[LutIntegral, np.ndarray]:
+    """Exact int64 integral images `(h+1, w+1, C)` of map `i` of `sp` over its `C` active channels only,
+    and those channels' ids `(C,)`: channel `j` of the integral image is channel `chans[j]` of the map."""
+    h, w = (int(v) for v in sp.map_hw[i])
+    if h * w == 0:
+        raise ValueError(f"map {i} is empty ({h}x{w})")
+    if h * w > max_exact_cells(levels, alpha):
+        raise ValueError(f"{h}x{w} cells: sums of {levels}^{alpha} would overflow int64")
+    lv = sp.nz_level[sp.nz_start[i]:sp.nz_start[i + 1]]
+    if lv.size and int(lv.max()) > levels:
+        raise ValueError(f"map levels exceed {levels}")
+    chans = sp.chans[sp.chan_start[i]:sp.chan_start[i + 1]]
+    C = len(chans)
+    sums = np.empty((h + 1, w + 1, C), dtype=np.int64)
+    integral_lut_sparse_into(h, w, C, sp.cell_nnz[sp.cell_start[i]:sp.cell_start[i + 1]],
+                             sp.nz_chan[sp.nz_start[i]:sp.nz_start[i + 1]], lv, power_table(levels, alpha),
+                             sums, np.empty(max(C, 1), np.int64))
+    return LutIntegral(sums, root_table(alpha)), chans.astype(np.int64)
+
+
+def _segments(start: np.ndarray, stop: np.ndarray) -> np.ndarray:
+    """Indices of the concatenated ranges `[start[i], stop[i])`."""
+    n = stop - start
+    total = int(n.sum())
+    if total == 0:
+        return np.zeros(0, np.int64)
+    first = np.cumsum(n) - n
+    return np.repeat(start - first, n) + np.arange(total, dtype=np.int64)
+
+
+def take_maps(parts: list[tuple[SparseMaps, np.ndarray]]) -> SparseMaps:
+    """One `SparseMaps` of the maps `idx` of each `(maps, idx)` in `parts`, in that order (a copy of
+    only those maps: e.g. a query's rows from several decoded partitions)."""
+    if not parts:
+        raise ValueError("no maps to take")
+    K = parts[0][0].channels
+    cols: dict[str, list] = {f: [] for f in SparseMaps._fields[1:]}
+    for sp, idx in parts:
+        if sp.channels != K:
+            raise ValueError(f"maps with {sp.channels} and {K} channels")
+        idx = np.asarray(idx, dtype=np.int64).reshape(-1)
+        cols["map_hw"].append(sp.map_hw[idx])
+        for start, data in (("chan_start", "chans"), ("cell_start", "cell_nnz"), ("nz_start", "nz_chan")):
+            off = getattr(sp, start)
+            seg = _segments(off[idx], off[idx + 1])
+            cols[start].append(off[idx + 1] - off[idx])
+            cols[data].append(getattr(sp, data)[seg])
+            if data == "nz_chan":
+                cols["nz_level"].append(sp.nz_level[seg])
+    out = {f: np.concatenate(v) for f, v in cols.items()}
+    for start in ("chan_start", "cell_start", "nz_start"):
+        out[start] = np.concatenate([[0], np.cumsum(out[start])]).astype(np.int64)
+    return SparseMaps(K, **out)

@@ -28,17 +28,22 @@ from rmac.ops import whitening as _wh
 from rmac.ops.aml import AMLResult, aml_kernel, aml_search, aspect_bounds, unit_query
 from rmac.ops.integral import (
     ALPHA,
+    _NO_F64,
+    _NO_I32,
     FLOAT,
     LUT,
     Integral,
+    SparseMaps,
     fill_vector,
     integral_float_into,
     integral_lut_into,
+    integral_lut_sparse_into,
     max_exact_cells,
     power_table,
     region_vector,
     region_vectors,
     root_table,
+    sparse_maps,
 )
 from rmac.ops.pooling import l2n, rmac_aggregate, rmac_aggregate_many
 from rmac.ops.regions import rmac_regions
@@ -48,6 +53,7 @@ __all__ = [
     "localised_mac",
     "localised_rmac",
     "rerank",
+    "rerank_dense",
     "query_expansion",
     "rescore",
 ]
@@ -254,7 +260,174 @@ def _path_args(stacked: np.ndarray, levels: int, alpha: int) -> tuple:
     raise ValueError(f"maps must be uint8 (quantised) or float, got {stacked.dtype}")
 
 
+@njit(cache=True, nogil=True)
+def _rerank_chunk_sparse(c, n_chunks, sel, map_hw, chan_start, chans, cell_start, cell_nnz, nz_start, nz_chan,
+                         nz_level, table, roots, no_f, no_i, qv, t, a_lo, a_hi, refine_step, passes, regions,
+                         reg_start, reg_count, max_cells, boxes, scores, n_scored, vecs, regs, n_regs):
+    """Maps `sel[c], sel[c + n_chunks], ...` of sparse maps, one after the other in one thread's scratch;
+    output `o` is map `sel[o]`. The integral image covers the map's valid cells and its active channels
+    only, built from the non-zeros in one pass (`integral.integral_lut_sparse_into`)."""
+    N = sel.shape[0]
+    K = qv.shape[0]
+    flat = np.empty(max_cells, dtype=np.int64)
+    acc = np.empty(K, dtype=np.int64)
+    ch = np.empty(K, dtype=np.int64)
+    qc = np.empty(K)
+    d = np.empty(K)
+    bits = d.view(np.int64)
+    f = np.empty(K)
+    no_vec = np.empty(0)
+    for o in range(c, N, n_chunks):
+        i = sel[o]
+        h, w = map_hw[i, 0], map_hw[i, 1]
+        c0 = chan_start[i]
+        C = chan_start[i + 1] - c0
+        for j in range(C):
+            ch[j] = chans[c0 + j]
+            qc[j] = qv[ch[j]]
+        sums = flat[:(h + 1) * (w + 1) * C].reshape((h + 1, w + 1, C))
+        n0, n1 = nz_start[i], nz_start[i + 1]
+        integral_lut_sparse_into(h, w, C, cell_nnz[cell_start[i]:cell_start[i + 1]], nz_chan[n0:n1],
+                                 nz_level[n0:n1], table, sums, acc)
+        ii = (LUT, sums, roots, no_f, no_f, no_i, no_vec, 0.1)
+        sc, n, nr = _localise_one(ii, qc[:C], h, w, t, a_lo, a_hi, refine_step, passes, regions, reg_start,
+                                  reg_count, d[:C], bits[:C], f[:C], ch[:C], boxes[o], vecs[o], regs[o])
+        scores[o] = sc
+        n_scored[o] = n
+        n_regs[o] = nr
+
+
+def _check_search(t, s, passes, refine_step, block, query_aspect) -> None:
+    if int(t) < 1 or not s >= 1.0 or int(passes) < 0 or int(refine_step) < 0 or int(block) < 1:
+        raise ValueError(f"need t >= 1, s >= 1, passes >= 0, refine_step >= 0, block >= 1; "
+                         f"got {t}, {s}, {passes}, {refine_step}, {block}")
+    if not (query_aspect > 0 and np.isfinite(query_aspect)):
+        raise ValueError(f"query_aspect must be positive, got {query_aspect}")
+
+
+def _run_blocks(N, K, Hm, Wm, qv, q_rmac, whitening, L, query_aspect, s, n_threads, block, chunk) -> RerankResult:
+    """The batch driver shared by the sparse and dense kernels: output arrays, R-MAC region tables,
+    threads over interleaved maps, blocks of `block` maps with one whitening matmul each.
+    `chunk(c, n_chunks, b, reg_tables, outputs...)` runs one thread's share of the block slice `b`."""
+    rmac_mode = q_rmac is not None
+    if rmac_mode:
+        q_r = l2n(np.asarray(q_rmac, dtype=np.float32).reshape(-1))
+        D = whitening.dim if whitening is not None else K
+        if q_r.shape[0] != D:
+            raise ValueError(f"query R-MAC has {q_r.shape[0]} dimensions, localised R-MACs {D}")
+        tables = _region_table(int(Hm), int(Wm), int(L))
+    else:  # no regions: the MAC variant
+        tables = (np.zeros((1, 4), np.int64), np.zeros((1, 1), np.int64), np.zeros((Hm + 1, Wm + 1), np.int64))
+    boxes = np.zeros((N, 4), dtype=np.int64)
+    scores = np.zeros(N)
+    n_scored = np.zeros(N, dtype=np.int64)
+    vecs = np.zeros((N, K), dtype=np.float32)
+    n_regs = np.zeros(N, dtype=np.int64)
+    block = min(int(block), N)
+    regs = np.empty((block, max(1, int(tables[2].max())), K), dtype=np.float32)
+    rvecs = []
+    n_chunks = max(1, min(block, int(n_threads) if n_threads is not None else numba.get_num_threads()))
+    # A nogil kernel on Python threads: the parallelism of a numba prange over the chunks at less
+    # than half the compile time (parfors re-optimise the whole inlined search code).
+    pool = ThreadPoolExecutor(n_chunks) if n_chunks > 1 else None
+    try:
+        for b0 in range(0, N, block):
+            b = slice(b0, min(N, b0 + block))
+            nb = b.stop - b0
+            outs = (boxes[b], scores[b], n_scored[b], vecs[b], regs[:nb], n_regs[b])
+            if pool is None:
+                chunk(0, 1, b, tables, *outs)
+            else:
+                list(pool.map(lambda c: chunk(c, n_chunks, b, tables, *outs), range(min(n_chunks, nb))))
+            if rmac_mode:
+                keep = np.arange(regs.shape[1])[None, :] < n_regs[b, None]
+                offsets = np.concatenate([[0], np.cumsum(n_regs[b])])
+                rvecs.append(rmac_aggregate_many(regs[:nb][keep], offsets, whitening))
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    if not rmac_mode:
+        return RerankResult(scores.copy(), boxes, vecs, scores, n_scored)
+    rvecs = np.concatenate(rvecs)
+    return RerankResult((rvecs @ q_r).astype(np.float64), boxes, rvecs, scores, n_scored)
+
+
 def rerank(
+    maps: Sequence[np.ndarray] | np.ndarray | SparseMaps,
+    q_mac: np.ndarray,
+    query_aspect: float,
+    *,
+    map_hw: np.ndarray | None = None,
+    select: np.ndarray | None = None,
+    q_rmac: np.ndarray | None = None,
+    whitening: _wh.Whitening | None = None,
+    L: int = 3,
+    levels: int = 31,
+    alpha: int = ALPHA,
+    t: int = 3,
+    s: float = 1.1,
+    passes: int = 5,
+    refine_step: int = 3,
+    n_threads: int | None = None,
+    block: int = 64,
+) -> RerankResult:
+    """Localised similarity of the query to every database map.
+
+    `maps`: `SparseMaps` (the stored form, exact LUT path), or quantised uint8 maps (converted to
+    `SparseMaps`, LUT path, levels `0..levels`), or float maps (dense float path, for checking); the
+    arrays either a list of `(K, h_i, w_i)` arrays or one padded `(N, K, Hm, Wm)` array with the valid
+    sizes in `map_hw` (N, 2) `(h, w)`. `select` (SparseMaps only): re-rank only these maps, results in
+    this order (no copy of the maps). `q_mac`: the query crop's MAC (K,). With `q_rmac` (the query's
+    R-MAC, built with `whitening`) the R-MAC variant scores and returns localised R-MACs; otherwise the
+    MAC variant. `n_threads` threads share the maps (default: numba's thread count). Maps go through
+    in blocks of `block`, each with one whitening matmul for all its regional vectors, which bounds
+    the memory of those vectors (up to `block * 50 * K` floats at 22 x 30 cells); 64 measured faster
+    than 256 (the block's temporaries stay in cache).
+    """
+    if not isinstance(maps, SparseMaps):
+        if select is not None:
+            raise ValueError("select goes with SparseMaps")
+        first = maps[0] if isinstance(maps, (list, tuple)) and len(maps) else maps
+        if isinstance(first, np.ndarray) and first.dtype != np.uint8:
+            return rerank_dense(maps, q_mac, query_aspect, map_hw=map_hw, q_rmac=q_rmac, whitening=whitening,
+                                L=L, levels=levels, alpha=alpha, t=t, s=s, passes=passes, refine_step=refine_step,
+                                n_threads=n_threads, block=block)
+        if isinstance(maps, (list, tuple)) and not maps:
+            raise ValueError("no maps to re-rank")
+        maps = sparse_maps(maps, map_hw)
+    sp = maps
+    sel = np.arange(sp.n_maps, dtype=np.int64) if select is None else np.asarray(select, dtype=np.int64).reshape(-1)
+    if len(sel) == 0:
+        raise ValueError("no maps to re-rank")
+    if (sel < 0).any() or (sel >= sp.n_maps).any():
+        raise ValueError(f"select must index the {sp.n_maps} maps")
+    K = sp.channels
+    qv = unit_query(q_mac, K)
+    _check_search(t, s, passes, refine_step, block, query_aspect)
+    hw = np.ascontiguousarray(sp.map_hw, dtype=np.int64)
+    h, w = hw[sel, 0], hw[sel, 1]
+    if (h < 1).any() or (w < 1).any():
+        raise ValueError("cannot re-rank an empty map (0 cells)")
+    if int((h * w).max()) > max_exact_cells(levels, alpha):
+        raise ValueError(f"{int((h * w).max())} cells: sums of {levels}^{alpha} would overflow int64")
+    if sp.nz_level.size and int(sp.nz_level.max()) > levels:
+        raise ValueError(f"map levels exceed {levels}")
+    C = sp.chan_start[sel + 1] - sp.chan_start[sel]
+    max_cells = int(((h + 1) * (w + 1) * C).max())
+    table, roots = power_table(levels, alpha), root_table(alpha)
+    a_lo, a_hi = aspect_bounds(float(query_aspect), float(s))
+    arrays = (hw, sp.chan_start, sp.chans, sp.cell_start, sp.cell_nnz, sp.nz_start, sp.nz_chan, sp.nz_level,
+              table, roots, _NO_F64, _NO_I32)
+
+    def chunk(c, n_chunks, b, tables, *outs):
+        _rerank_chunk_sparse(c, n_chunks, sel[b], *arrays, qv, int(t), a_lo, a_hi, int(refine_step), int(passes),
+                             *tables, max_cells, *outs)
+
+    return _run_blocks(len(sel), K, int(h.max()), int(w.max()), qv, q_rmac, whitening, L, query_aspect, s,
+                       n_threads, block, chunk)
+
+
+def rerank_dense(
     maps: Sequence[np.ndarray] | np.ndarray,
     q_mac: np.ndarray,
     query_aspect: float,
@@ -272,64 +445,21 @@ def rerank(
     n_threads: int | None = None,
     block: int = 256,
 ) -> RerankResult:
-    """Localised similarity of the query to every database map.
-
-    `maps`: quantised uint8 maps (LUT path, levels `0..levels`) or float maps (float path), either a
-    list of `(K, h_i, w_i)` arrays or one padded `(N, K, Hm, Wm)` array with the valid sizes in
-    `map_hw` (N, 2) `(h, w)`. `q_mac`: the query crop's MAC (K,). With `q_rmac` (the query's R-MAC,
-    built with `whitening`) the R-MAC variant scores and returns localised R-MACs; otherwise the MAC
-    variant. `n_threads` threads share the maps (default: numba's thread count). Maps go through in
-    blocks of `block`, each with one whitening matmul for all its regional vectors, which bounds
-    the memory of those vectors (up to `block * 50 * K` floats at 22 x 30 cells).
-    """
+    """`rerank` on dense (padded) maps: the float path (float maps), and for uint8 maps the dense LUT
+    kernel that the sparse one replaced (kept as `rmac bench search`'s baseline, not used by search)."""
     stacked, hw = _stack_maps(maps, map_hw)
     N, K, Hm, Wm = stacked.shape
     qv = unit_query(q_mac, K)
-    if int(t) < 1 or not s >= 1.0 or int(passes) < 0 or int(refine_step) < 0 or int(block) < 1:
-        raise ValueError(f"need t >= 1, s >= 1, passes >= 0, refine_step >= 0, block >= 1; "
-                         f"got {t}, {s}, {passes}, {refine_step}, {block}")
-    if not (query_aspect > 0 and np.isfinite(query_aspect)):
-        raise ValueError(f"query_aspect must be positive, got {query_aspect}")
+    _check_search(t, s, passes, refine_step, block, query_aspect)
     kind, maps_q, maps_f, table, roots = _path_args(stacked, levels, alpha)
-    rmac_mode = q_rmac is not None
-    if rmac_mode:
-        q_r = l2n(np.asarray(q_rmac, dtype=np.float32).reshape(-1))
-        D = whitening.dim if whitening is not None else K
-        if q_r.shape[0] != D:
-            raise ValueError(f"query R-MAC has {q_r.shape[0]} dimensions, localised R-MACs {D}")
-        regions, reg_start, reg_count = _region_table(int(Hm), int(Wm), int(L))
-    else:
-        regions, reg_start = np.zeros((1, 4), np.int64), np.zeros((1, 1), np.int64)
-        reg_count = np.zeros((Hm + 1, Wm + 1), np.int64)  # no regions: the MAC variant
     a_lo, a_hi = aspect_bounds(float(query_aspect), float(s))
 
-    boxes = np.zeros((N, 4), dtype=np.int64)
-    scores = np.zeros(N)
-    n_scored = np.zeros(N, dtype=np.int64)
-    vecs = np.zeros((N, K), dtype=np.float32)
-    n_regs = np.zeros(N, dtype=np.int64)
-    block = min(int(block), N)
-    regs = np.empty((block, max(1, int(reg_count.max())), K), dtype=np.float32)
-    rvecs = []
-    n_chunks = max(1, min(block, int(n_threads) if n_threads is not None else numba.get_num_threads()))
-    # A nogil kernel on Python threads: the parallelism of a numba prange over the chunks at less
-    # than half the compile time (parfors re-optimise the whole inlined search code).
-    with ThreadPoolExecutor(n_chunks) as pool:
-        for b0 in range(0, N, block):
-            b = slice(b0, min(N, b0 + block))
-            nb = b.stop - b0
-            args = (n_chunks, kind, maps_q[b] if kind == LUT else maps_q, maps_f[b] if kind == FLOAT else maps_f,
-                    hw[b], table, roots, float(alpha), qv, int(t), a_lo, a_hi, int(refine_step), int(passes),
-                    regions, reg_start, reg_count, boxes[b], scores[b], n_scored[b], vecs[b], regs[:nb], n_regs[b])
-            list(pool.map(lambda c: _rerank_chunk(c, *args), range(min(n_chunks, nb))))
-            if rmac_mode:
-                keep = np.arange(regs.shape[1])[None, :] < n_regs[b, None]
-                offsets = np.concatenate([[0], np.cumsum(n_regs[b])])
-                rvecs.append(rmac_aggregate_many(regs[:nb][keep], offsets, whitening))
-    if not rmac_mode:
-        return RerankResult(scores.copy(), boxes, vecs, scores, n_scored)
-    rvecs = np.concatenate(rvecs)
-    return RerankResult((rvecs @ q_r).astype(np.float64), boxes, rvecs, scores, n_scored)
+    def chunk(c, n_chunks, b, tables, *outs):
+        _rerank_chunk(c, n_chunks, kind, maps_q[b] if kind == LUT else maps_q, maps_f[b] if kind == FLOAT else maps_f,
+                      hw[b], table, roots, float(alpha), qv, int(t), a_lo, a_hi, int(refine_step), int(passes),
+                      *tables, *outs)
+
+    return _run_blocks(N, K, Hm, Wm, qv, q_rmac, whitening, L, query_aspect, s, n_threads, block, chunk)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,8 +5,8 @@ Layout (one folder; see docs/architecture.md)::
     STORE/manifest.json      format 2, configuration, segments (what each growth added), committed index
     STORE/ids/p000012.json   partition 12's image ids, source paths (a task reads only its own)
     STORE/parts/p000012.json partition 12's records + checksums, written last by its task (done marker)
-    STORE/arrays/            Zarr v3 group: mac, maps (sharded per partition), scale, map_hw, image_hw, ok,
-                             and after indexing rmac, macw
+    STORE/arrays/            Zarr v3 group: mac, maps/ (one array of sparse codes per partition, see
+                             storage/maps.py), scale, map_hw, image_hw, ok, and after indexing rmac, macw
     STORE/whitening/         Zarr group: mean, proj, eigvals (+ attrs, with the content hash ``id``)
     STORE/index/             FAISS shards (storage/index.py) and per-partition vector checksums
     STORE/runs.jsonl         one line per extract / index run
@@ -32,10 +32,11 @@ import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
 
 from rmac.storage import checksums, ids as id_tables
+from rmac.storage import maps as _maps
 
+# 2: growing stores with checksums (grow), and the maps stored sparse, one array of codes per partition
+# (storage/maps.py); 1 held them dense and padded.
 FORMAT_VERSION = 2
-# Zero-heavy uint8 maps with few levels: bit-shuffling groups the mostly-zero high bits, zstd does the rest.
-MAPS_CODEC = BloscCodec(cname="zstd", clevel=5, shuffle=BloscShuffle.bitshuffle)
 VECTOR_CODEC = BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.shuffle)
 
 
@@ -103,7 +104,7 @@ class Store:
         if self.manifest.get("format") != FORMAT_VERSION:
             raise StoreError(
                 f"{self.path}: store format {self.manifest.get('format')} is not {FORMAT_VERSION}: this version "
-                "of rmac cannot read it; extract the images again into a new --store")
+                "of rmac cannot read it (it stores the maps sparse); extract the images again into a new --store")
         try:
             self.config = StoreConfig(**self.manifest["config"])
             self.segments: list[list[int]] = [[int(a), int(b)] for a, b in self.manifest["segments"]]
@@ -137,8 +138,7 @@ class Store:
             rows = 0
             group.create_array("mac", shape=(rows, K), chunks=(P, K), dtype="float32", fill_value=0.0,
                                compressors=VECTOR_CODEC)
-            group.create_array("maps", shape=(rows, K, S, S), chunks=(1, K, S, S), shards=(P, K, S, S),
-                               dtype="uint8", fill_value=0, compressors=MAPS_CODEC)
+            _maps.create_maps_group(tmp / "arrays")
             group.create_array("scale", shape=(rows,), chunks=(P,), dtype="float32", fill_value=0.0)
             group.create_array("map_hw", shape=(rows, 2), chunks=(P, 2), dtype="int32", fill_value=0)
             group.create_array("image_hw", shape=(rows, 2), chunks=(P, 2), dtype="int32", fill_value=0)
@@ -321,18 +321,31 @@ class Store:
     def clear_redo(self, p: int) -> None:
         self._redo_file(p).unlink(missing_ok=True)
 
-    def write_partition(self, p: int, records: list[dict], mac: np.ndarray, maps: np.ndarray,
-                        scale: np.ndarray, map_hw: np.ndarray, image_hw: np.ndarray) -> None:
+    def write_partition(self, p: int, records: list[dict], mac: np.ndarray,
+                        maps: Sequence[np.ndarray | None] | np.ndarray, scale: np.ndarray, map_hw: np.ndarray,
+                        image_hw: np.ndarray) -> None:
         """Write partition ``p``'s rows, then its record file (the done marker, with the checksums of
-        what was written) last."""
+        what was written) last.
+
+        ``maps``: the quantised maps of the partition's images, a list of uint8 ``(K, h, w)`` arrays
+        (``None`` for a failed image), or a padded ``(n, K, S, S)`` array cropped here to ``map_hw``.
+        Only their non-zeros are stored (`storage/maps.py`)."""
         rows = self.partition_rows(p)
         if len(records) != len(rows):
             raise ValueError(f"partition {p}: {len(records)} records for {len(rows)} rows")
+        if len(maps) != len(rows):
+            raise ValueError(f"partition {p}: {len(maps)} maps for {len(rows)} rows")
+        map_hw = np.asarray(map_hw)
+        if isinstance(maps, np.ndarray):
+            maps = [m[:, :int(h), :int(w)] for m, (h, w) in zip(maps, map_hw)]
+        for m, hw in zip(maps, map_hw):
+            if (m.shape[1:] if m is not None else (0, 0)) != tuple(int(v) for v in hw):
+                raise ValueError(f"partition {p}: a map of shape {m.shape} recorded as {tuple(hw)}")
         sl = slice(rows.start, rows.stop)
         g = self.arrays
         with zarr.config.set({"array.write_empty_chunks": True}):  # a missing file must mean damage
             g["mac"][sl] = mac
-            g["maps"][sl] = maps
+            _maps.write_partition_maps(self.path / "arrays", p, maps, image_hw, self.config.channels)
             g["scale"][sl] = scale
             g["map_hw"][sl] = map_hw
             g["image_hw"][sl] = image_hw
@@ -346,7 +359,8 @@ class Store:
         g = self.arrays
         names = checksums.row_arrays(g, self.n_images, exclude=INDEX_ARRAYS)
         sums = checksums.digest_each_row(g, rows.start, rows.stop, names)
-        _write_json_atomic(self._part_file(p), {"records": records, "row_checksums": sums})
+        maps_sum = _maps.codes_digest(self.path / "arrays", p)  # the sparse codes: one array per partition
+        _write_json_atomic(self._part_file(p), {"records": records, "row_checksums": sums, "maps_checksum": maps_sum})
 
     def partition_problems(self, p: int, read_data: bool = True) -> list[str]:
         """What is wrong with finished partition ``p``: its record vs its id table, chunk files missing,
@@ -362,9 +376,27 @@ class Store:
             out.append(f"partition {p}: record holds {len(doc['records'])} images, the id table {len(ids)}, "
                        f"the manifest {len(rows)}")
         out += [f"partition {p}: chunk missing: arrays/{m}" for m in self.missing_chunks(rows.start, rows.stop)]
+        if not _maps.chunk_file(self.path / "arrays", p).is_file():
+            out.append(f"partition {p}: chunk missing: arrays/maps/{_maps.partition_name(p)}/c/0")
         if read_data and not out:
             out += self.row_problems(p, rows.start, rows.stop, doc=doc)
+            out += self.maps_problems(p, doc)
         return out
+
+    def maps_problems(self, p: int, doc: dict | None = None) -> list[str]:
+        """Partition ``p``'s sparse map codes read back, decoded and compared with its record's checksum."""
+        doc = doc if doc is not None else self.partition_doc(p)
+        name = f"arrays/maps/{_maps.partition_name(p)}"
+        try:
+            _maps.read_partition(self.path / "arrays", p)
+            got = _maps.codes_digest(self.path / "arrays", p)
+        except Exception as e:  # a truncated / corrupt chunk: any codec error
+            return [f"partition {p}: {name} unreadable ({type(e).__name__}: {e})"]
+        if "maps_checksum" not in doc:
+            return [f"partition {p}: no checksum recorded for {name}"]
+        if got != doc["maps_checksum"]:
+            return [f"partition {p}: {name} does not match its checksum"]
+        return []
 
     def row_problems(self, p: int, start: int, stop: int, names: Iterable[str] | None = None,
                      doc: dict | None = None, data: dict[str, np.ndarray] | None = None) -> list[str]:
@@ -478,33 +510,30 @@ class Store:
 
     # -- reading ---------------------------------------------------------------------------------
     def read_maps(self, rows: Iterable[int]) -> list[tuple[np.ndarray, float]]:
-        """The quantised maps of ``rows``, each cropped to its valid (h, w), with its scale."""
-        rows = list(rows)
+        """The quantised maps of ``rows`` as dense uint8 ``(K, h, w)`` (their valid cells), with their
+        scales. Each partition's codes are read and decoded once."""
+        rows = [int(r) for r in rows]
         if not rows:
             return []
         lo, hi = min(rows), max(rows) + 1
         self.require_chunks(lo, hi)
-        data = self.read_checked(lo, hi, ("maps", "scale", "map_hw"))  # checked against the record
-        maps, scale, hw = data["maps"], data["scale"], data["map_hw"]
-        out = []
-        for r in rows:
-            h, w = (int(v) for v in hw[r - lo])
-            out.append((np.ascontiguousarray(maps[r - lo, :, :h, :w]), float(scale[r - lo])))
-        return out
+        scale = self.read_checked(lo, hi, ("scale",))["scale"]  # checked against the record
+        decoded = {p: self.read_sparse(p).maps for p in sorted({self.partition_of(r) for r in rows})}
+        first = {p: self.partition_rows(p).start for p in decoded}
+        return [(decoded[p].dense(r - first[p]), float(scale[r - lo]))
+                for r, p in ((r, self.partition_of(r)) for r in rows)]
 
-    def read_padded(self, rows: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Padded maps ``(n, K, S, S)`` of ``rows`` with their valid ``map_hw`` and ``image_hw`` (n, 2).
-
-        Reads the contiguous span of ``rows`` (callers group rows by partition, so the span is within
-        one shard): a slice decodes each inner chunk once, where Zarr's orthogonal selection on a
-        sharded array measured ~0.3 s per row."""
-        g = self.arrays
-        sel = np.asarray(rows, dtype=np.int64)
-        lo, hi = int(sel.min()), int(sel.max()) + 1
-        pick = sel - lo
-        self.require_chunks(lo, hi)
-        data = self.read_checked(lo, hi, ("maps", "map_hw", "image_hw"))
-        return data["maps"][pick], data["map_hw"][pick], data["image_hw"][pick]
+    def read_sparse(self, p: int, cache: "_maps.PartitionCache | None" = None) -> _maps.PartitionMaps:
+        """Every map of partition ``p`` as `SparseMaps` (map ``i`` is row ``partition_rows(p)[i]``; a
+        failed row is 0 x 0) with the images' pixel sizes, read in one go and decoded straight into the
+        kernel's form; through ``cache`` if given."""
+        try:
+            if cache is not None:
+                return cache.get(self.path / "arrays", p)
+            return _maps.read_partition(self.path / "arrays", p)
+        except Exception as e:  # missing, truncated or corrupt codes: any codec error
+            raise StoreError(f"{self.path}: maps of partition {p} unreadable ({type(e).__name__}: {e}): the store "
+                             f"is damaged; run `rmac verify {self.path}`") from None
 
     def read_checked(self, start: int, stop: int, names: Sequence[str]) -> dict[str, np.ndarray]:
         """Rows ``[start, stop)`` of the named arrays, checked against the per-row checksums of their
@@ -526,7 +555,7 @@ class Store:
         return data
 
     def map_bytes(self) -> int:
-        """Bytes on disk of the stored activation maps (compressed shards and their indexes)."""
+        """Bytes on disk of the stored activation maps (compressed codes and their Zarr metadata)."""
         root = self.path / "arrays" / "maps"
         return sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
 

@@ -362,7 +362,8 @@ PARSE_ERRORS = {
     # a scheduler address that is not one
     "--scheduler without a port": (["index", "{dir}", "--scheduler", "foo"], ["Dask scheduler", "foo", "port"]),
     # options that do not exist or are missing
-    "search without a query": (["search", "{dir}"], ["required", "query"]),
+    "search --queries missing": (["search", "{dir}", "--queries", "{missing}"], ["--queries", "no such file"]),
+    "extract without --store": (["extract", "{dir}"], ["required", "--store"]),
     "unknown subcommand": (["frobnicate"], ["invalid choice", "frobnicate"]),
 }
 

@@ -137,7 +137,7 @@ def test_faiss_filtering_equals_brute_force_cosine(dev_store, db, queries):
 
 def test_cluster_rerank_and_qe_equal_single_process(dev_store, db, queries, rankings):
     """For every query, the filter → scattered AML re-ranking → gather → QE answer of the cluster equals
-    `rmac.ops.rerank.rerank` / `query_expansion` / `rescore` run here on `Store.read_padded` maps."""
+    `rmac.ops.rerank.rerank` / `query_expansion` / `rescore` run here on the dense `Store.read_maps`."""
     store, w = dev_store.store, db.whitening
     X = store.arrays["rmac"][:]
     for qv, ranking in zip(queries, rankings):
@@ -148,9 +148,10 @@ def test_cluster_rerank_and_qe_equal_single_process(dev_store, db, queries, rank
         assert_same_ranking(np.array(initial), sims[initial], top, sims[top])
         # the top N span several partitions, so the cluster scattered several tasks
         assert len({int(r) // PARTITION for r in top}) >= 3
-        # re-rank: the kernel on the stored (padded, quantised) maps, in this process
-        maps, map_hw, image_hw = store.read_padded(top.tolist())
-        res = rerank(maps, qv.mac, qv.aspect, map_hw=map_hw, q_rmac=qv.rmac, whitening=w, L=DEFAULT_L,
+        # re-rank: the kernel on the stored (quantised) maps read back dense, in this process
+        maps = [q for q, _ in store.read_maps(top.tolist())]
+        map_hw, image_hw = store.arrays["map_hw"][:][top], store.arrays["image_hw"][:][top]
+        res = rerank(maps, qv.mac, qv.aspect, q_rmac=qv.rmac, whitening=w, L=DEFAULT_L,
                      levels=store.config.levels, t=3, s=1.1)
         boxes = [box_to_pixels(b, hw, ihw) for b, hw, ihw in zip(res.boxes, map_hw, image_hw)]
         got = ranking.reranked

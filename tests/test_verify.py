@@ -59,7 +59,7 @@ def _grow_file(f: Path) -> None:
 # damage -> (what verify must name, what search's error line must say, what index's must say; None:
 # `rmac index` repairs it and verify is clean afterwards)
 DAMAGE = {
-    "truncated_maps_shard": (lambda s: _truncate(s / "arrays/maps/c/1/0/0/0"),
+    "truncated_maps_shard": (lambda s: _truncate(s / "arrays/maps/p000001/c/0"),
                              "partition 1: arrays/maps", "damaged", "damaged"),
     "missing_ok_chunk": (lambda s: (s / "arrays/ok/c/2").unlink(),
                          "partition 2: chunk missing: arrays/ok/c/2", "data missing", "data missing"),
@@ -67,7 +67,7 @@ DAMAGE = {
                         "does not match its checksum", "does not match its checksum"),
     "faiss_wrong_length": (lambda s: _grow_file(s / "index/rmac/shard_001.faiss"),
                            "index/rmac/shard_001.faiss: ", "shard_001.faiss is", None),
-    "record_without_data": (lambda s: [(s / f).unlink() for f in ("arrays/mac/c/0/0", "arrays/maps/c/0/0/0/0")],
+    "record_without_data": (lambda s: [(s / f).unlink() for f in ("arrays/mac/c/0/0", "arrays/maps/p000000/c/0")],
                             "partition 0: chunk missing: arrays/mac/c/0/0", "data missing", "data missing"),
     "whitening_chunk": (lambda s: (s / "whitening/proj/c/0/0").unlink(), "whitening/proj", "whitening",
                         "whitening"),

@@ -70,7 +70,7 @@ def extract_partition(store: Store, p: int, choice: ModelChoice, device: str = "
     ids, paths = store.partition_ids(p)  # this partition's ids only: not the whole table
     n, K, S = len(rows), cfg.channels, cfg.map_side
     macs = np.zeros((n, K), np.float32)
-    maps = np.zeros((n, K, S, S), np.uint8)
+    maps: list[np.ndarray | None] = [None] * n  # quantised (K, h, w) per image; stored sparse
     scale = np.zeros(n, np.float32)
     map_hw = np.zeros((n, 2), np.int32)
     image_hw = np.zeros((n, 2), np.int32)
@@ -78,12 +78,14 @@ def extract_partition(store: Store, p: int, choice: ModelChoice, device: str = "
     keep = _reusable(store, p, paths)  # a partition redone for some of its images keeps the others
     if keep:
         g, sl = store.arrays, slice(rows.start, rows.stop)
-        old = [g[k][sl] for k in ("mac", "maps", "scale", "map_hw", "image_hw")]
+        old = [g[k][sl] for k in ("mac", "scale", "map_hw", "image_hw")]
+        old_maps = store.read_sparse(p).maps
     features = iter_features(model, spec, [paths[i] for i in range(n) if i not in keep], cfg.max_size, device)
     for i, row in enumerate(rows):
         if i in keep:
-            for dst, src in zip((macs, maps, scale, map_hw, image_hw), old):
+            for dst, src in zip((macs, scale, map_hw, image_hw), old):
                 dst[i] = src[i]
+            maps[i] = old_maps.dense(i)
             records.append(keep[i])
             continue
         source = source_stat(paths[i])  # recorded: a later run sees a changed or reappeared file
@@ -104,7 +106,7 @@ def extract_partition(store: Store, p: int, choice: ModelChoice, device: str = "
         if h > S or w > S:  # a backbone/geometry bug, not bad input: fail loudly
             raise RuntimeError(f"{rec['id']}: map {h}x{w} exceeds the store's {S}x{S}")
         macs[i] = mac(x)
-        maps[i, :, :h, :w], scale[i] = quantise(x, levels=cfg.levels)
+        maps[i], scale[i] = quantise(x, levels=cfg.levels)
         map_hw[i] = (h, w)
         image_hw[i] = (image.height, image.width)
         rec.update(image_hw=[image.height, image.width], map_hw=[h, w])

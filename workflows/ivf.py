@@ -3,12 +3,12 @@
 `rmac index --ivf` used to train k-means on every shard separately (each shard its own lists, and
 training cost times the number of shards). Here one Dask task trains an empty IVF index on a sample
 of the store's vectors (whole partitions drawn at random, so the read is a few contiguous slices) and
-saves it as ``index/<kind>/ivf_template.faiss``; every shard task then copies the template and adds its
-own rows (`rmac.storage.index.build_shard(template=...)`). All shards share the same lists, so one
+saves it as ``index/ivf/<kind>/ivf_template.faiss`` (beside the committed shard folders); every
+shard task then copies the template and adds its own rows (`rmac.storage.index.build_shard(template=...)`). All shards share the same lists, so one
 ``nprobe`` means the same thing everywhere.
 
 Choice of the index (FAISS guidelines, measured by `rmac bench scale`): ``nlist`` about 4 sqrt(N)
-(4096 at 1M), trained on ``max(39, 64) * nlist`` vectors at most; lists hold the vectors uncompressed
+(4096 at 1M, never under 39 vectors per list), trained on at most 64 x nlist vectors; lists hold the vectors uncompressed
 (``IVF{nlist},Flat``, exact scores inside the probed lists) or with 8-bit scalar quantisation
 (``IVF{nlist},SQ8``, a quarter of the memory: 1M x 1280-D is 1.3 GB instead of 5 GB).
 """

@@ -1,5 +1,12 @@
 """`rmac search`: filter by cosine over the FAISS shards, scatter AML re-ranking of the top N over the
-Dask workers (one task per storage partition, each reading only the maps it needs), gather, then QE.
+Dask workers, gather, then QE.
+
+Re-ranking reads scale: a query's short-list is grouped by store partition and each partition is sent
+to the same worker every time (one task per (store, worker) holds all its partitions); a task reads each
+partition's sparse codes once and decodes them straight into the kernel's form, through a bounded LRU
+cache of decoded partitions per worker process (`RMAC_MAP_CACHE_MB`, default 512), which repeated
+queries and evaluation hit. Workers load the numba kernels in the background as soon as a search starts
+(`KernelWarmup`), so a single query does not wait for them.
 
 A database is one store or several (a dataset plus distractor stores): rows are numbered globally in
 store order. All its stores must share backbone and whitening.
@@ -8,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -18,10 +27,11 @@ import numpy as np
 
 from rmac.ops import whitening as wh
 from rmac.ops.aml import box_to_pixels, exhaustive_search
-from rmac.ops.integral import integral_lut
+from rmac.ops.integral import integral_lut, take_maps
 from rmac.ops.pooling import l2n, mac, rmac
 from rmac.ops.rerank import query_expansion, rerank as rerank_maps, rescore
 from rmac.storage.images import BadImage, load_image
+from rmac.storage.maps import PartitionCache
 from rmac.storage.store import Store, StoreError
 from rmac.workflows.extract import ModelChoice, worker_model
 from rmac.workflows.index import load_whitening, require_indexed
@@ -164,30 +174,113 @@ class Database:
         return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
 
 
+_MAP_CACHE: PartitionCache | None = None
+_MAP_CACHE_LOCK = threading.Lock()
+DEFAULT_MAP_CACHE_MB = 512
+
+
+def worker_map_cache() -> PartitionCache:
+    """This process's cache of decoded partitions (created on first use; `RMAC_MAP_CACHE_MB` bounds it)."""
+    global _MAP_CACHE
+    with _MAP_CACHE_LOCK:
+        if _MAP_CACHE is None:
+            mb = float(os.environ.get("RMAC_MAP_CACHE_MB", DEFAULT_MAP_CACHE_MB))
+            _MAP_CACHE = PartitionCache(int(mb * 2**20))
+        return _MAP_CACHE
+
+
 def rerank_rows(store: Store, jobs: list[tuple[QueryVectors, list[int]]], whitening: wh.Whitening,
-                params: SearchParams) -> list[dict]:
-    """AML re-ranking inside one store partition (a Dask task): for each (query, rows) job, the rows'
-    scores, pixel boxes and localised vectors. The partition's maps are read once for all jobs."""
-    span = sorted({r for _, rows in jobs for r in rows})
-    maps, map_hw, image_hw = store.read_padded(span)
-    at = {r: i for i, r in enumerate(span)}
+                params: SearchParams, cache: bool = True) -> list[dict]:
+    """AML re-ranking of rows of one store (a Dask task): for each (query, rows) job, the rows' scores,
+    pixel boxes and localised vectors, in the order of its rows. Each partition the jobs touch is read
+    and decoded once (or found in this worker's cache)."""
+    c = worker_map_cache() if cache else None
+    part_of = {r: store.partition_of(r) for _, rows in jobs for r in rows}
+    for p in sorted(set(part_of.values())):  # stat calls only: a deleted data file means damage
+        r = store.partition_rows(p)
+        missing = store.missing_chunks(r.start, r.stop)
+        if missing:
+            raise StoreError(f"{store.path}: data missing ({', '.join(missing[:5])}): the store is damaged; "
+                             f"run `rmac verify {store.path}`")
+    parts = {p: store.read_sparse(p, c) for p in sorted(set(part_of.values()))}
+    first = {p: store.partition_rows(p).start for p in parts}
     use_rmac = params.filter == "rmac"
     out = []
     for qv, rows in jobs:
-        pick = [at[r] for r in rows]
-        res = rerank_maps(maps[pick], qv.mac, qv.aspect, map_hw=map_hw[pick],
-                          q_rmac=qv.rmac if use_rmac else None, whitening=whitening if use_rmac else None,
-                          L=params.L, levels=store.config.levels, t=params.t, s=params.s)
-        boxes = [box_to_pixels(b, hw, ihw) for b, hw, ihw in zip(res.boxes, map_hw[pick], image_hw[pick])]
-        scores, vectors = res.scores, res.vectors
+        rows = [int(r) for r in rows]
+        order = sorted(range(len(rows)), key=lambda i: part_of[rows[i]])  # partition by partition
+        by_part: dict[int, list[int]] = defaultdict(list)
+        for i in order:
+            by_part[part_of[rows[i]]].append(rows[i] - first[part_of[rows[i]]])
+        sp = take_maps([(parts[p].maps, np.asarray(local)) for p, local in by_part.items()])
+        image_hw = np.concatenate([parts[p].image_hw[local] for p, local in by_part.items()])
+        res = rerank_maps(sp, qv.mac, qv.aspect, q_rmac=qv.rmac if use_rmac else None,
+                          whitening=whitening if use_rmac else None, L=params.L, levels=store.config.levels,
+                          t=params.t, s=params.s)
+        back = np.empty(len(rows), np.int64)
+        back[np.asarray(order, np.int64)] = np.arange(len(rows))  # result of rows[i] is at back[i]
+        boxes = [box_to_pixels(res.boxes[j], sp.map_hw[j], image_hw[j]) for j in back]
+        scores, vectors = res.scores[back], res.vectors[back]
         if not use_rmac:
             # MAC filtering ranks whitened MACs: the localised box is scored with the same information,
             # its approximate MAC l2 -> whiten -> l2 against the query's (AML itself used plain MAC).
             vectors = l2n(wh.apply(whitening, vectors))
             scores = vectors @ qv.macw
         out.append({"rows": rows, "scores": scores, "boxes": boxes, "vectors": vectors,
-                    "windows": res.n_scored})
+                    "windows": res.n_scored[back]})
     return out
+
+
+def warm_kernels() -> float:
+    """Load (or compile) every numba kernel of the re-ranking path by running it on a tiny map; returns
+    the seconds it took. Goes through the same calls, with the same argument types, as `rerank_rows`."""
+    from rmac.storage.maps import decode_partition, encode_maps
+
+    t = time.perf_counter()
+    rng = np.random.default_rng(0)
+    K = 8
+    q = (rng.integers(0, 32, (K, 4, 5)) * (rng.random((K, 4, 5)) < 0.5)).astype(np.uint8)
+    buf, attrs = encode_maps([q, q])
+    sp = take_maps([(decode_partition(buf, attrs), np.array([1, 0]))])
+    sp.dense(0)
+    q_mac = np.ones(K, np.float32)
+    rerank_maps(sp, q_mac, 1.0, q_rmac=np.ones(K, np.float32))  # the kernels do not see the whitening
+    rerank_maps(sp, q_mac, 1.0)
+    exhaustive_search(integral_lut(q), q_mac)
+    return time.perf_counter() - t
+
+
+class KernelWarmup:
+    """A worker plugin: on a worker's start (or when registered) load the re-ranking kernels in a
+    background thread, so that they are ready when the first query's re-ranking arrives (the query's
+    own extraction takes seconds). A task that needs them first simply waits on numba's lock."""
+
+    name = "rmac-kernel-warmup"
+    idempotent = True
+
+    def setup(self, worker=None) -> None:
+        threading.Thread(target=_warm_quietly, name="rmac-warmup", daemon=True).start()
+
+    def teardown(self, worker=None) -> None:
+        pass
+
+
+def _warm_quietly() -> None:
+    try:
+        warm_kernels()
+    except Exception:  # a warm-up is an optimisation: the real task reports any real problem
+        pass
+
+
+def warm_workers(client) -> None:
+    """Register `KernelWarmup` (once per cluster): every current and future worker warms its kernels."""
+    from distributed.diagnostics.plugin import WorkerPlugin
+
+    plugin = type("RmacKernelWarmup", (KernelWarmup, WorkerPlugin), {})()
+    try:
+        client.register_plugin(plugin, name=KernelWarmup.name)
+    except Exception:  # e.g. a scheduler that refuses plugins: the kernels then load on first use
+        pass
 
 
 def localise_exhaustive(store: Store, row: int, q_mac: np.ndarray) -> tuple[float, float, float, float]:
@@ -211,21 +304,28 @@ class Ranking:
 
 def rerank_many(db: Database, client, qvs: list[QueryVectors], rows: list[np.ndarray], params: SearchParams,
                 whitening_future=None) -> list[dict[int, tuple[float, tuple, np.ndarray]]]:
-    """Scatter AML re-ranking of each query's global ``rows`` over the workers, one task per
-    (store, partition) holding every query's rows there; gather {row: (score, box, vector)} per query."""
+    """Scatter AML re-ranking of each query's global ``rows`` over the workers; gather
+    {row: (score, box, vector)} per query.
+
+    A store partition always goes to the same worker (partition number modulo the sorted worker list),
+    so that worker's cache of decoded partitions serves the next queries; one task per (store, worker)
+    holds every query's rows in its partitions (few tasks: the scheduler's cost per task is ~ms). A
+    task may still run elsewhere if its worker is gone."""
+    workers = sorted(client.scheduler_info()["workers"]) or [None]
     groups: dict[tuple[int, int], list[tuple[int, list[int], list[int]]]] = defaultdict(list)
     for qi, qrows in enumerate(rows):
-        per_part: dict[tuple[int, int], tuple[list[int], list[int]]] = defaultdict(lambda: ([], []))
+        per_task: dict[tuple[int, int], tuple[list[int], list[int]]] = defaultdict(lambda: ([], []))
         for g in np.asarray(qrows).tolist():
             si, r = db.position(g)
-            gs, rs = per_part[(si, db.stores[si].partition_of(r))]
+            gs, rs = per_task[(si, (db.stores[si].partition_of(r) + si) % len(workers))]
             gs.append(g)
             rs.append(r)
-        for key, (gs, rs) in per_part.items():
+        for key, (gs, rs) in per_task.items():
             groups[key].append((qi, gs, rs))
-    w = whitening_future if whitening_future is not None else db.whitening
+    w = whitening_future if whitening_future is not None else client.scatter(db.whitening, broadcast=True)
     futures = {key: client.submit(rerank_rows, db.stores[key[0]], [(qvs[qi], rs) for qi, _, rs in members],
-                                  w, params, pure=False, retries=2)
+                                  w, params, pure=False, retries=2,
+                                  workers=[workers[key[1]]] if workers[key[1]] else None, allow_other_workers=True)
                for key, members in groups.items()}
     out: list[dict] = [{} for _ in qvs]
     for key, fut in futures.items():
@@ -307,6 +407,8 @@ def search(store_paths: list[str], client, query_path: str, bbox=None, params: S
     choice = choice or ModelChoice(cfg.backbone)
     if choice.backbone != cfg.backbone:
         raise StoreError(f"{db.stores[0].path} was built with {cfg.backbone}, not {choice.backbone}")
+    if params.rerank:
+        warm_workers(client)  # the kernels load while the query is extracted
     t = time.perf_counter()
     maps, image_hw, bbox = client.submit(query_maps, query_path, bbox, choice, cfg.max_size, pure=False).result()
     qv = query_vectors(maps, db.whitening, params.L, image_hw, bbox)

@@ -33,9 +33,8 @@ within 5% of the default clip point, which `rmac bench aml` found equally good f
 the strong responses, which decide max-pooling, round afresh. The spread of their mAP is the part of a
 float-vs-quantised difference that is chance (which values happened to round which way), not cost.
 
-Bytes per image: every map quantised at each level count, padded to the store's map side and written
-with the store's codec (`rmac.storage.store.MAPS_CODEC`, Zarr v3, one inner chunk per image in
-shards of 16) into an in-memory Zarr store; plus the same for a 256-channel subset (AlexNet's conv5
+Bytes per image: every map quantised at each level count and stored as the store stores it (the
+sparse codes of `rmac.storage.maps`, one zstd chunk per partition of 16) into an in-memory Zarr store; plus the same for a 256-channel subset (AlexNet's conv5
 has 256 channels; the paper stores ~32 kB per 1024 x 768 image: 30 x 22 cells x 256 channels, 81% zeros,
 8 values, ~1 byte per non-zero).
 """
@@ -191,24 +190,23 @@ def _map(rankings: list[np.ndarray], gnd: list[dict]) -> tuple[float, np.ndarray
 
 
 def _codec_bytes(maps_u8: list[np.ndarray], side: int, partition: int = 16) -> int:
-    """Bytes of ``maps_u8`` written like the store's ``maps`` array (padded to ``side``, one inner chunk
-    per image, shards of ``partition`` images, MAPS_CODEC) into an in-memory Zarr v3 store."""
+    """Bytes of ``maps_u8`` stored as the store stores them (store format 2: per partition of
+    ``partition`` images, the sparse codes of `rmac.storage.maps` in one zstd chunk), in memory.
+    ``side`` (the padded side of format 1) no longer matters: only valid cells are stored."""
     import zarr
     from zarr.storage import MemoryStore
 
-    from rmac.storage.store import MAPS_CODEC
+    from rmac.storage.maps import CODES_CODEC, encode_maps
 
-    K = maps_u8[0].shape[0]
-    d: dict = {}
-    arr = zarr.create_array(MemoryStore(d), name="maps", shape=(len(maps_u8), K, side, side),
-                            chunks=(1, K, side, side), shards=(partition, K, side, side), dtype="uint8",
-                            fill_value=0, compressors=MAPS_CODEC)
+    total = 0
     for p0 in range(0, len(maps_u8), partition):
-        block = np.zeros((min(partition, len(maps_u8) - p0), K, side, side), np.uint8)
-        for j, m in enumerate(maps_u8[p0:p0 + len(block)]):
-            block[j, :, :m.shape[1], :m.shape[2]] = m
-        arr[p0:p0 + len(block)] = block
-    return sum(len(v.to_bytes()) for k, v in d.items() if k.startswith("maps/c/"))
+        buf, _ = encode_maps(maps_u8[p0:p0 + partition])
+        d: dict = {}
+        arr = zarr.create_array(MemoryStore(d), name="codes", shape=(max(1, buf.size),), chunks=(max(1, buf.size),),
+                                dtype="uint8", fill_value=0, compressors=CODES_CODEC)
+        arr[:buf.size] = buf
+        total += sum(len(v.to_bytes()) for k, v in d.items() if k.startswith("codes/c"))
+    return total
 
 
 def bytes_table(maps: list[np.ndarray], levels: tuple[int, ...], side: int, channels: np.ndarray | None = None,
@@ -410,7 +408,7 @@ def print_tables(r: dict) -> None:
           "  scaled by a random factor in [0.95, 1.05]: equally coarse, so their spread is the noise floor.")
     for s in r["skipped"]:
         print(f"  skipped {s['levels']} levels on the {s['path']} path: {s['reason']}")
-    print(f"\nStored maps, bytes per image ({r['channels']} channels; MAPS_CODEC, padded as in the store):")
+    print(f"\nStored maps, bytes per image ({r['channels']} channels; sparse codes as in the store):")
     _print_bytes(r["bytes"])
     b = r["bytes_256_channels"]
     print(f"\n256-channel (AlexNet-sized) maps: {b['channels']}, {b['cells_per_image_mean']:.0f} cells per image; "

@@ -45,6 +45,8 @@ def verify(path: str, sample: float = 0.0, seed: int | None = None) -> dict:
                 problems.append(f"arrays/{name}: missing")
             continue
         a = g[name]
+        if not hasattr(a, "shape"):  # arrays/maps/ is a group of per-partition codes (storage/maps.py)
+            continue
         if a.shape[0] != rows:
             problems.append(f"arrays/{name}: {a.shape[0]} rows, the manifest says {rows}")
         if name in ("mac", "maps") and a.ndim > 1 and a.shape[1] != cfg.channels:

@@ -1,0 +1,225 @@
+"""The sparse map format (storage/maps.py) and the sparse kernels, against the dense reference:
+the codec round-trips any map exactly, the sparse integral images equal the dense ones on the active
+channels, and sparse re-ranking gives bit-identical results to the dense kernel it replaced."""
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rmac.ops import integral as I
+from rmac.ops import rerank as R
+from rmac.ops import whitening as wh
+from rmac.storage import maps as M
+from rmac.storage.store import Store, StoreConfig, StoreError
+
+
+def _q_map(rng, K, h, w, zeros, silent=0.3, levels=31):
+    q = rng.integers(1, levels + 1, (K, h, w))
+    q[rng.random((K, h, w)) < zeros] = 0
+    q[rng.random(K) < silent] = 0  # channels without any response
+    return q.astype(np.uint8)
+
+
+maps_strategy = st.tuples(
+    st.integers(0, 2**32 - 1),  # seed
+    st.integers(1, 40),  # K
+    st.lists(st.tuples(st.integers(0, 9), st.integers(0, 9)), min_size=1, max_size=6),  # (h, w); 0: failed
+    st.sampled_from([0.0, 0.5, 0.9, 0.99, 1.0]),  # zeros
+)
+
+
+def _make(seed, K, shapes, zeros):
+    rng = np.random.default_rng(seed)
+    return [None if h * w == 0 else _q_map(rng, K, h, w, zeros) for h, w in shapes]
+
+
+@settings(max_examples=60, deadline=None)
+@given(maps_strategy)
+def test_codec_round_trip_and_decoded_form_equals_dense_conversion(args):
+    maps = _make(*args)
+    K = args[1]
+    buf, attrs = M.encode_maps(maps, K)
+    attrs = json.loads(json.dumps(attrs))  # what Zarr keeps
+    sp = M.decode_partition(buf, attrs)
+    ref = I.sparse_maps([m if m is not None else np.zeros((K, 0, 0), np.uint8) for m in maps])
+    assert sp.channels == ref.channels == K
+    for f in sp._fields[1:]:
+        assert np.array_equal(getattr(sp, f), getattr(ref, f)), f
+    for i, m in enumerate(maps):
+        assert np.array_equal(sp.dense(i), m if m is not None else np.zeros((K, 0, 0), np.uint8))
+        if m is not None:  # active channels: exactly those with a response, ascending
+            chans = sp.chans[sp.chan_start[i]:sp.chan_start[i + 1]]
+            assert chans.tolist() == np.flatnonzero(m.reshape(K, -1).any(axis=1)).tolist()
+
+
+def test_codec_long_gaps_and_corrupt_codes():
+    rng = np.random.default_rng(1)
+    m = np.zeros((2000, 30, 40), np.uint8)  # gaps up to ~2.4M cells: 4-byte varints
+    m[0, 0, 0], m[1999, 29, 39], m[700, 3, 5] = 31, 1, 7
+    m[1000] = _q_map(rng, 1, 30, 40, 0.2)[0]
+    buf, attrs = M.encode_maps([m])
+    assert np.array_equal(M.decode_partition(buf, attrs).dense(0), m)
+    with pytest.raises(M.CorruptMaps):
+        M.decode_partition(buf[:-1], {**attrs, "length": len(buf) - 1})
+    bad = buf.copy()
+    bad[0] = 0xFF  # a varint that runs into the next one: positions past the map
+    with pytest.raises(M.CorruptMaps):
+        M.decode_partition(bad, attrs)
+    with pytest.raises(M.CorruptMaps):
+        M.decode_partition(buf, {**attrs, "map_hw": [[30, 39]]})  # positions beyond the recorded size
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(1, 24), st.integers(1, 9), st.integers(1, 9),
+       st.sampled_from([0.0, 0.6, 0.95, 1.0]))
+def test_sparse_integral_equals_dense_on_active_channels(seed, K, h, w, zeros):
+    q = _q_map(np.random.default_rng(seed), K, h, w, zeros)
+    dense = I.integral_lut(q).sums
+    ii, chans = I.integral_lut_sparse(I.sparse_maps([q]), 0)
+    assert ii.sums.dtype == np.int64 and ii.sums.shape == (h + 1, w + 1, len(chans))
+    assert np.array_equal(ii.sums, dense[:, :, chans])
+    silent = np.setdiff1d(np.arange(K), chans)
+    assert not dense[:, :, silent].any()
+    boxes = np.array([(x, y, bw, bh) for y in range(h) for x in range(w) for bh in (1, h - y) for bw in (1, w - x)])
+    np.testing.assert_array_equal(I.region_vectors(ii, boxes), I.region_vectors(I.integral_lut(q), boxes)[:, chans])
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.sampled_from([0.3, 0.8, 0.97]), st.booleans())
+def test_sparse_rerank_is_bit_identical_to_the_dense_kernel(seed, zeros, use_rmac):
+    rng = np.random.default_rng(seed)
+    K = 16
+    maps = [_q_map(rng, K, *rng.integers(1, 12, 2), zeros) for _ in range(7)]
+    maps[3][:] = 0  # a map without any response
+    q = rng.gamma(1.0, 1.0, K) + 0.01
+    kw = {}
+    if use_rmac:
+        X = rng.gamma(1.0, 1.0, (300, K))
+        w = wh.fit(wh.stats(X / np.linalg.norm(X, axis=1, keepdims=True)), dim=10)
+        kw = {"q_rmac": rng.standard_normal(10), "whitening": w}
+    ref = R.rerank_dense(maps, q, 1.3, t=2, s=1.5, n_threads=1, **kw)
+    sp = I.sparse_maps(maps)
+    for res in (R.rerank(maps, q, 1.3, t=2, s=1.5, n_threads=2, **kw),
+                R.rerank(sp, q, 1.3, t=2, s=1.5, n_threads=1, block=3, **kw)):
+        for f in res._fields:
+            assert np.array_equal(getattr(res, f), getattr(ref, f)), f
+    # a selection, and the same maps gathered from two "partitions" in another order
+    sel = np.array([5, 0, 6, 2])
+    a = R.rerank(sp, q, 1.3, select=sel, t=2, s=1.5, **kw)
+    parts = [I.sparse_maps(maps[:4]), I.sparse_maps(maps[4:])]
+    b = R.rerank(I.take_maps([(parts[1], [1]), (parts[0], [0]), (parts[1], [2]), (parts[0], [2])]), q, 1.3,
+                 t=2, s=1.5, **kw)
+    for f in a._fields:
+        assert np.array_equal(getattr(a, f), getattr(ref, f)[sel]), f
+        assert np.array_equal(getattr(b, f), getattr(ref, f)[sel]), f
+
+
+def test_sparse_rerank_input_errors():
+    sp = I.sparse_maps([np.ones((4, 3, 3), np.uint8), np.zeros((4, 0, 0), np.uint8)])
+    with pytest.raises(ValueError, match="empty map"):
+        R.rerank(sp, np.ones(4), 1.0)  # the failed (0 x 0) row
+    with pytest.raises(ValueError, match="select"):
+        R.rerank(sp, np.ones(4), 1.0, select=[2])
+    with pytest.raises(ValueError, match="levels"):
+        R.rerank(I.sparse_maps([np.full((4, 3, 3), 40, np.uint8)]), np.ones(4), 1.0)
+    with pytest.raises(ValueError, match="channels"):
+        R.rerank(sp, np.ones(5), 1.0, select=[0])
+
+
+def test_partition_cache_is_bounded_and_never_stale(tmp_path):
+    rng = np.random.default_rng(0)
+    arrays = tmp_path / "arrays"
+    parts = {p: [_q_map(rng, 8, 5, 6, 0.7) for _ in range(3)] for p in range(4)}
+    for p, maps in parts.items():
+        M.write_partition_maps(arrays, p, maps, np.full((3, 2), 100 + p))
+    one = M.read_partition(arrays, 0).nbytes
+    cache = M.PartitionCache(int(2.5 * one))
+    for p in (0, 1, 0, 2, 3):
+        got = cache.get(arrays, p)
+        assert [got.maps.dense(i).tolist() for i in range(3)] == [m.tolist() for m in parts[p]]
+        assert got.image_hw.tolist() == [[100 + p] * 2] * 3
+    assert cache.hits == 1 and cache.misses == 4 and len(cache) == 2 and cache.nbytes <= 2.5 * one
+    new = [_q_map(rng, 8, 4, 4, 0.5) for _ in range(3)]
+    M.write_partition_maps(arrays, 3, new, np.zeros((3, 2)))  # rewritten: the cached copy is not served
+    assert np.array_equal(cache.get(arrays, 3).maps.dense(1), new[1])
+    with pytest.raises(FileNotFoundError):
+        cache.get(arrays, 9)
+
+
+def _config(K=8, P=3):
+    return StoreConfig(backbone="test", channels=K, max_size=64, map_side=6, levels=31, partition_size=P)
+
+
+def test_store_writes_sparse_reads_dense_and_refuses_format_1(tmp_path):
+    rng = np.random.default_rng(2)
+    ids = [f"im{i}" for i in range(5)]
+    store = Store.create(tmp_path / "s", ids, ids, _config())
+    maps = [_q_map(rng, 8, *rng.integers(1, 7, 2), 0.8) for _ in range(5)]
+    maps[4] = None  # failed
+    hw = np.array([m.shape[1:] if m is not None else (0, 0) for m in maps])
+    recs = [{"id": i, "path": i, "status": "done" if m is not None else "failed", "reason": None}
+            for i, m in zip(ids, maps)]
+    padded = np.zeros((3, 8, 6, 6), np.uint8)  # partition 0 as a padded array, partition 1 as a list
+    for i in range(3):
+        padded[i, :, :hw[i, 0], :hw[i, 1]] = maps[i]
+    ihw = hw * 32
+    store.write_partition(0, recs[:3], np.zeros((3, 8)), padded, np.ones(3), hw[:3], ihw[:3])
+    store.write_partition(1, recs[3:], np.zeros((2, 8)), maps[3:], np.full(2, 0.5), hw[3:], ihw[3:])
+    got = store.read_maps([3, 0, 2])
+    for (q, scale), r in zip(got, [3, 0, 2]):
+        assert np.array_equal(q, maps[r]) and scale == (0.5 if r == 3 else 1.0)
+    part = store.read_sparse(1)
+    assert part.maps.map_hw.tolist() == [list(hw[3]), [0, 0]] and part.image_hw.tolist() == ihw[3:].tolist()
+    with pytest.raises(ValueError):
+        store.write_partition(1, recs[3:], np.zeros((2, 8)), maps[3:], np.ones(2), hw[:2], ihw[3:])  # wrong sizes
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    (tmp_path / "s" / "manifest.json").write_text(json.dumps({**manifest, "format": 1}))
+    with pytest.raises(StoreError, match="re-extract"):
+        Store(tmp_path / "s")
+
+
+def test_rerank_rows_reads_partitions_once_and_matches_the_kernel_on_dense_maps(tmp_path):
+    """`rerank_rows` (a search task): rows from several partitions, in any order, through the worker
+    cache or not, give the kernel's results on the dense maps, row for row; a second call hits the cache."""
+    from rmac.ops.aml import box_to_pixels
+    from rmac.ops.pooling import l2n
+    from rmac.workflows import search as S
+
+    rng = np.random.default_rng(3)
+    K, P = 12, 4
+    ids = [f"im{i}" for i in range(10)]
+    store = Store.create(tmp_path / "s", ids, ids, _config(K, P))
+    maps = [_q_map(rng, K, *rng.integers(2, 7, 2), 0.7) for _ in ids]
+    hw = np.array([m.shape[1:] for m in maps])
+    ihw = hw * 32 + 5
+    for p in range(store.n_partitions):
+        r = store.partition_rows(p)
+        recs = [{"id": ids[i], "path": ids[i], "status": "done", "reason": None} for i in r]
+        store.write_partition(p, recs, np.zeros((len(r), K)), maps[r.start:r.stop], np.ones(len(r)),
+                              hw[r.start:r.stop], ihw[r.start:r.stop])
+    X = rng.gamma(1.0, 1.0, (300, K))
+    w = wh.fit(wh.stats(X / np.linalg.norm(X, axis=1, keepdims=True)), dim=8)
+    q = l2n(rng.gamma(1.0, 1.0, K).astype(np.float32))
+    qv = S.QueryVectors(mac=q, macw=l2n(wh.apply(w, q)), rmac=l2n(rng.standard_normal(8).astype(np.float32)),
+                        aspect=1.2, image_hw=(100, 120), bbox=(0.0, 0.0, 120.0, 100.0))
+    rows = [9, 0, 5, 1, 8, 4]
+    for filt in ("rmac", "mac"):
+        params = S.SearchParams(filter=filt)
+        ref = R.rerank([maps[r] for r in rows], qv.mac, qv.aspect, q_rmac=qv.rmac if filt == "rmac" else None,
+                       whitening=w if filt == "rmac" else None)
+        S.worker_map_cache().clear()
+        for cache in (True, True, False):
+            (got,) = S.rerank_rows(store, [(qv, rows)], w, params, cache=cache)
+            assert got["rows"] == rows
+            for i, r in enumerate(rows):
+                assert got["boxes"][i] == box_to_pixels(ref.boxes[i], hw[r], ihw[r])
+            if filt == "rmac":  # one whitening matmul over the rows in partition order: float32 rounding
+                np.testing.assert_allclose(got["scores"], ref.scores, rtol=0, atol=1e-6)
+                np.testing.assert_allclose(got["vectors"], ref.vectors, rtol=0, atol=1e-6)
+            else:
+                np.testing.assert_allclose(got["vectors"], l2n(wh.apply(w, ref.vectors)), rtol=0, atol=1e-6)
+        c = S.worker_map_cache()
+        assert c.misses == 3 and c.hits == 3  # three partitions, read once, then served from the cache
