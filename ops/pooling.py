@@ -7,7 +7,7 @@ import numpy as np
 from rmac.ops import whitening as _wh
 from rmac.ops.regions import rmac_regions
 
-__all__ = ["l2n", "mac", "gem", "regional_mac", "rmac_aggregate", "rmac_aggregate_many", "rmac"]
+__all__ = ["l2n", "mac", "gem", "regional_mac", "regional_sum", "rmac_aggregate", "rmac_aggregate_many", "rmac"]
 
 
 def l2n(x: np.ndarray, axis: int = -1, eps: float = 1e-12) -> np.ndarray:
@@ -113,3 +113,20 @@ def rmac(maps: np.ndarray, L: int = 3, whitening: _wh.Whitening | None = None) -
     maps = _check_maps(maps)
     _, H, W = maps.shape
     return rmac_aggregate(regional_mac(maps, rmac_regions(W, H, L)), whitening)
+
+
+def regional_sum(maps: np.ndarray, regions: np.ndarray) -> np.ndarray:
+    """Sum-pooled vector of each region `(x, y, w, h)` (cells, half-open): float32 `(R, K)`.
+
+    The paper's Section 8 ablation (sum-pooling is integral max-pooling with alpha = 1): one float64
+    integral image, 4 terms per region."""
+    maps = _check_maps(maps)
+    K, H, W = maps.shape
+    regions = np.asarray(regions, dtype=np.int64).reshape(-1, 4)
+    x, y, w, h = regions.T
+    if (w < 1).any() or (h < 1).any() or (x < 0).any() or (y < 0).any() or (x + w > W).any() or (y + h > H).any():
+        raise ValueError(f"regions must be non-empty and inside the {W}x{H} map")
+    ii = np.zeros((H + 1, W + 1, K))
+    ii[1:, 1:] = maps.transpose(1, 2, 0).astype(np.float64).cumsum(0).cumsum(1)
+    out = ii[y + h, x + w] - ii[y, x + w] - ii[y + h, x] + ii[y, x]
+    return np.maximum(out, 0.0).astype(np.float32)  # non-negative maps: clear the round-off

@@ -19,6 +19,7 @@ COMMANDS = {
     "bench": ("bench", False, "benchmarks printed as side-by-side ratios (aml, extract, search)"),
     "info": ("operations.info", False, "summarise a store: images, failures, partitions, index, bytes, last runs"),
     "verify": ("operations.verify", False, "check a store's shapes, files and checksums; name every mismatch"),
+    "paper": ("paper", True, "every experiment of the paper on a dataset: DIR/report.md, figures, JSON"),
 }
 
 

@@ -103,8 +103,12 @@ def real_pairs(backbone: str = "efficientnet-lite0", max_size: int = 1024, root:
 
 
 def table1(pairs: list[dict], steps=(1, 2, 3, 4, 5), ratios=(1.1, 1.5, 2.0), levels: int = DEFAULT_LEVELS) -> dict:
-    """Paper's Table 1 (left) on the LUT path: AML vs the exhaustive optimum, per (t, s)."""
-    iis = [I.integral_lut(quantise(p["maps"], levels)[0], levels) for p in pairs]
+    """Paper's Table 1 (left) on the LUT path: AML vs the exhaustive optimum, per (t, s).
+
+    Each pair holds the query's MAC `q_mac`, its box aspect `aspect` and the positive's `maps`: float
+    maps (quantised here) or uint8 maps already quantised to `levels` (as a store holds them)."""
+    iis = [I.integral_lut(p["maps"] if p["maps"].dtype == np.uint8 else quantise(p["maps"], levels)[0], levels)
+           for p in pairs]
     A.aml_search(iis[0], pairs[0]["q_mac"], 1.0)  # compile outside the timings
     A.exhaustive_search(iis[0], pairs[0]["q_mac"])
     exhaustive, ex_time = [], 0.0
@@ -188,6 +192,22 @@ def _stats(c: np.ndarray) -> dict:
             "regions": int(c.size)}
 
 
+def region_cosines(x: np.ndarray, levels: int = DEFAULT_LEVELS, path: str = "float",
+                   clip: float = DEFAULT_CLIP, q: np.ndarray | None = None) -> np.ndarray:
+    """Cosine of the exact max-pooled vector of the float map `x` (K, H, W) and its approximation `f~`
+    over every region of the map (NaN where a vector is zero): `path` "float" (alpha = 10 on `x`) or
+    "lut" (the LUT path on `q`, the quantised map, by default `quantise(x, levels, clip)`)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if path == "float":
+        return _all_region_cosines(x, x, True, I.kernel_args(I.integral_float(x)))
+    if path != "lut":
+        raise ValueError(f"path must be 'float' or 'lut', got {path!r}")
+    if q is not None:
+        return _all_region_cosines(x, x, True, I.kernel_args(I.integral_lut(np.ascontiguousarray(q), levels)))
+    q, scale = quantise(x, levels, clip=clip)
+    return _all_region_cosines(x, dequantise(q, scale), True, I.kernel_args(I.integral_lut(q, levels)))
+
+
 def figure3(maps_list: list[np.ndarray], levels: int = DEFAULT_LEVELS,
             clips=(0.0, 1e-4, DEFAULT_CLIP, 1e-3, 1e-2)) -> dict:
     """Cosine of exact max-pooled vs approximate region vectors over all regions of `maps_list`: the
@@ -197,7 +217,7 @@ def figure3(maps_list: list[np.ndarray], levels: int = DEFAULT_LEVELS,
     quant = {c: ([], []) for c in clips}
     for x in maps_list:
         x = np.ascontiguousarray(x, dtype=np.float32)
-        cos_float.append(_all_region_cosines(x, x, True, I.kernel_args(I.integral_float(x))))
+        cos_float.append(region_cosines(x, levels, "float"))
         for c in clips:
             q, scale = quantise(x, levels, clip=c)
             dq = dequantise(q, scale)
