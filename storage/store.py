@@ -106,7 +106,8 @@ class Store:
         if self.manifest.get("format") != FORMAT_VERSION:
             raise StoreError(
                 f"{self.path}: store format {self.manifest.get('format')} is not {FORMAT_VERSION}: this version "
-                "of rmac cannot read it (it stores the maps sparse); extract the images again into a new --store")
+                "of rmac cannot read it (it stores the maps sparse, two whitenings): re-extract the images into a new "
+                "--store (`rmac extract`), then `rmac index` it")
         try:
             self.config = StoreConfig(**self.manifest["config"])
             self.segments: list[list[int]] = [[int(a), int(b)] for a, b in self.manifest["segments"]]

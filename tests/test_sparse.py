@@ -150,7 +150,8 @@ def test_partition_cache_is_bounded_and_never_stale(tmp_path):
 
 
 def _config(K=8, P=3):
-    return StoreConfig(backbone="test", channels=K, max_size=64, map_side=6, levels=31, partition_size=P)
+    # a real backbone's name: re-ranking maps boxes to pixels with its geometry (the maps are synthetic)
+    return StoreConfig(backbone="mobilenet-v2", channels=K, max_size=64, map_side=6, levels=31, partition_size=P)
 
 
 def test_store_writes_sparse_reads_dense_and_refuses_format_1(tmp_path):
@@ -215,7 +216,7 @@ def test_rerank_rows_reads_partitions_once_and_matches_the_kernel_on_dense_maps(
             (got,) = S.rerank_rows(store, [(qv, rows)], w, params, cache=cache)
             assert got["rows"] == rows
             for i, r in enumerate(rows):
-                assert got["boxes"][i] == box_to_pixels(ref.boxes[i], hw[r], ihw[r])
+                assert got["boxes"][i] == box_to_pixels(ref.boxes[i], hw[r], ihw[r], S.cell_geometry(store, ihw[r]))
             if filt == "rmac":  # one whitening matmul over the rows in partition order: float32 rounding
                 np.testing.assert_allclose(got["scores"], ref.scores, rtol=0, atol=1e-6)
                 np.testing.assert_allclose(got["vectors"], ref.vectors, rtol=0, atol=1e-6)

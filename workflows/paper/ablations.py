@@ -88,15 +88,11 @@ def rerank_pooled(store: Store, jobs: list[tuple], whitening: wh.Whitening, L: i
     stored maps' LUT path (alpha = 10, as `rmac search`), sum-pooling the float path with alpha = 1.
     ``jobs``: (localisation vector, query aspect, query R-MAC, rows). Returns (scores, vectors) per job."""
     span = sorted({r for *_, rows in jobs for r in rows})
-    maps, map_hw, _ = store.read_padded(span)
-    if pooling == "sum":
-        scale = store.arrays["scale"][:][span].astype(np.float32)
-        maps = maps.astype(np.float32) * scale[:, None, None, None]
-    at = {r: i for i, r in enumerate(span)}
+    stored = dict(zip(span, store.read_maps(span)))  # row -> (uint8 (K, h, w), scale)
     out = []
     for q_loc, aspect, q_rmac, rows in jobs:
-        pick = [at[r] for r in rows]
-        res = rerank(maps[pick], q_loc, aspect, map_hw=map_hw[pick], q_rmac=q_rmac, whitening=whitening, L=L,
+        maps = [stored[r][0] if pooling == "max" else dequantise(*stored[r]) for r in rows]
+        res = rerank(maps, q_loc, aspect, q_rmac=q_rmac, whitening=whitening, L=L,
                      levels=store.config.levels, alpha=POOLING_ALPHA[pooling], t=t, s=s)
         out.append((res.scores, res.vectors))
     return out
