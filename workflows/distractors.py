@@ -137,7 +137,7 @@ def make_distractors(src_path: str, out_path: str, count: int, client, seed: int
     t0 = time.perf_counter()
     pending = out.pending_partitions()
     tag = tokenize(str(out.path.resolve()))
-    rows_f = client.scatter(rows, broadcast=True)
+    rows_f = client.scatter(rows, broadcast=True, hash=False)
     futures = [client.submit(synthesise_partition, src, out, p, rows_f, seed, key=f"distract-{tag}-{p}",
                              retries=2, pure=False) for p in pending]
     with tqdm(total=len(futures), desc="distractors", unit="part", disable=not progress, file=sys.stderr) as bar:

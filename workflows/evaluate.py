@@ -149,7 +149,7 @@ def evaluate(dataset: str, client, choice: ModelChoice = ModelChoice(), max_size
     gnd = ds.gnd(rows_of)
     n_db = db.n_images
     depth = min(n_db, max(rank_depth, top_n))
-    w_future = client.scatter(w, broadcast=True)
+    w_future = client.scatter(w, broadcast=True, hash=False)
     results, reranked, per_method = {}, {}, {}
     for name in methods:
         base = METHODS[name]

@@ -261,7 +261,7 @@ def _build_index(store, client, whiten_on, L, dim, shard_rows, index_kind, white
             g.create_array(k, shape=(rows, D), chunks=(P, D), dtype="float32", fill_value=0.0,
                            overwrite=True)
     redo = [p for p in range(store.n_partitions) if not incremental or _stale(store, p, wid, L)]
-    w_future = client.scatter(w, broadcast=True)
+    w_future = client.scatter(w, broadcast=True, hash=False)
     futures = [client.submit(partition_vectors, store, p, w_future, L, wid, pure=False, retries=2)
                for p in redo]
     _wait(futures, "vectors", progress)

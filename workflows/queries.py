@@ -91,7 +91,7 @@ def answer_queries(db: Database, client, queries: list[QueryLine], params: Searc
                    k: int, chunk: int = QUERY_CHUNK):
     """Yield ``(query, JSON-able answer)`` for every query, in order (see the module docstring)."""
     cfg = db.stores[0].config
-    w_future = client.scatter(db.whitenings, broadcast=True)
+    w_future = client.scatter(db.whitenings, broadcast=True, hash=False)
     kind = "rmac" if params.filter == "rmac" else "macw"
     chunks = [queries[i:i + chunk] for i in range(0, len(queries), chunk)]
     pending = _maps(client, chunks[0], choice, cfg.max_size) if chunks else []

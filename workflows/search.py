@@ -346,7 +346,7 @@ def rerank_many(db: Database, client, qvs: list[QueryVectors], rows: list[np.nda
             rs.append(r)
         for key, (gs, rs) in per_task.items():
             groups[key].append((qi, gs, rs))
-    w = whitening_future if whitening_future is not None else client.scatter(db.whitenings, broadcast=True)
+    w = whitening_future if whitening_future is not None else client.scatter(db.whitenings, broadcast=True, hash=False)
     futures = {key: client.submit(rerank_rows, db.stores[key[0]], [(qvs[qi], rs) for qi, _, rs in members],
                                   w, params, pure=False, retries=2,
                                   workers=[workers[key[1]]] if workers[key[1]] else None, allow_other_workers=True)

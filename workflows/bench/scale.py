@@ -268,7 +268,7 @@ def bench_scale(count: int, workdir: str | None = None, keep: bool = False, n_wo
             peaks.reset()
             db.scattered.warm("rmac")
             params = SearchParams(top_n=top_n, rerank=True, qe=5)
-            wf = client.scatter(w, broadcast=True)
+            wf = client.scatter(w, broadcast=True, hash=False)
             answer(db, client, qvs[0], params, wf)  # warm-up: numba caches, file caches
             per = {"filter_s": [], "rerank_s": [], "qe_s": [], "end_to_end_s": []}
             for qv, te in zip(qvs, q_extract):

@@ -152,7 +152,7 @@ def bench_search(top_n: int = 1000, n_queries: int = 5, workers=(1, 2), cold: bo
                                                        ModelChoice(), db.stores[0].config.max_size,
                                                        pure=False).result()
                         qvs.append(query_vectors(maps, db.whitenings, params.L, hw, bbox))
-                w = client.scatter(db.whitenings, broadcast=True)
+                w = client.scatter(db.whitenings, broadcast=True, hash=False)
                 warm_workers(client)
                 tops = [db.filter("rmac", qv.rmac, top_n)[1][0] for qv in qvs]
                 tops = [t[t >= 0] for t in tops]
