@@ -50,8 +50,12 @@ def read_padded(store, dense_path: Path, rows: list[int]) -> tuple[np.ndarray, n
     return maps[lo:hi][pick], g["map_hw"][lo:hi][pick], g["image_hw"][lo:hi][pick]
 
 
-def rerank_rows(store, dense_path: Path, jobs, whitening: wh.Whitening, params) -> list[dict]:
-    """Format 1's `rerank_rows` (one partition's rows per task)."""
+def rerank_rows(store, dense_path: Path, jobs, whitening, params) -> list[dict]:
+    """Format 1's `rerank_rows` (one partition's rows per task); ``whitening``: the (regional, mac) pair
+    or one whitening, and boxes mapped with the backbone's geometry, as the product path does."""
+    from rmac.workflows.search import _pair, cell_geometry
+
+    w_regional, w_mac = _pair(whitening)
     span = sorted({r for _, rows in jobs for r in rows})
     maps, map_hw, image_hw = read_padded(store, dense_path, span)
     at = {r: i for i, r in enumerate(span)}
@@ -60,12 +64,13 @@ def rerank_rows(store, dense_path: Path, jobs, whitening: wh.Whitening, params) 
     for qv, rows in jobs:
         pick = [at[r] for r in rows]
         res = rerank_dense(maps[pick], qv.mac, qv.aspect, map_hw=map_hw[pick],
-                           q_rmac=qv.rmac if use_rmac else None, whitening=whitening if use_rmac else None,
+                           q_rmac=qv.rmac if use_rmac else None, whitening=w_regional if use_rmac else None,
                            L=params.L, levels=store.config.levels, t=params.t, s=params.s)
-        boxes = [box_to_pixels(b, hw, ihw) for b, hw, ihw in zip(res.boxes, map_hw[pick], image_hw[pick])]
+        boxes = [box_to_pixels(b, hw, ihw, cell_geometry(store, ihw))
+                 for b, hw, ihw in zip(res.boxes, map_hw[pick], image_hw[pick])]
         scores, vectors = res.scores, res.vectors
         if not use_rmac:
-            vectors = l2n(wh.apply(whitening, vectors))
+            vectors = l2n(wh.apply(w_mac, vectors))
             scores = vectors @ qv.macw
         out.append({"rows": rows, "scores": scores, "boxes": boxes, "vectors": vectors})
     return out
