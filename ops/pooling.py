@@ -40,6 +40,15 @@ def gem(maps: np.ndarray, p: float = 3.0, eps: float = 1e-6) -> np.ndarray:
     return (np.mean(x**p, axis=(1, 2)) ** (1.0 / p)).astype(np.float32)
 
 
+def _check_regions(regions: np.ndarray, W: int, H: int) -> np.ndarray:
+    """Regions as int64 `(R, 4)` rows `(x, y, w, h)`; ValueError unless each is non-empty and inside."""
+    regions = np.asarray(regions, dtype=np.int64).reshape(-1, 4)
+    x, y, w, h = regions.T
+    if (w < 1).any() or (h < 1).any() or (x < 0).any() or (y < 0).any() or (x + w > W).any() or (y + h > H).any():
+        raise ValueError(f"regions must be non-empty and inside the {W}x{H} map")
+    return regions
+
+
 def regional_mac(maps: np.ndarray, regions: np.ndarray) -> np.ndarray:
     """Max-pooled vector of each region `(x, y, w, h)` (cells, half-open): float32 `(R, K)`.
 
@@ -49,10 +58,7 @@ def regional_mac(maps: np.ndarray, regions: np.ndarray) -> np.ndarray:
     """
     maps = _check_maps(maps)
     K, H, W = maps.shape
-    regions = np.asarray(regions, dtype=np.int64).reshape(-1, 4)
-    x, y, w, h = regions.T
-    if (w < 1).any() or (h < 1).any() or (x < 0).any() or (y < 0).any() or (x + w > W).any() or (y + h > H).any():
-        raise ValueError(f"regions must be non-empty and inside the {W}x{H} map")
+    regions = _check_regions(regions, W, H)
     hwk = np.ascontiguousarray(maps.transpose(1, 2, 0))
     out = np.empty((len(regions), K), dtype=np.float32)
     for r, (x0, y0, w0, h0) in enumerate(regions.tolist()):
@@ -122,10 +128,7 @@ def regional_sum(maps: np.ndarray, regions: np.ndarray) -> np.ndarray:
     integral image, 4 terms per region."""
     maps = _check_maps(maps)
     K, H, W = maps.shape
-    regions = np.asarray(regions, dtype=np.int64).reshape(-1, 4)
-    x, y, w, h = regions.T
-    if (w < 1).any() or (h < 1).any() or (x < 0).any() or (y < 0).any() or (x + w > W).any() or (y + h > H).any():
-        raise ValueError(f"regions must be non-empty and inside the {W}x{H} map")
+    x, y, w, h = _check_regions(regions, W, H).T
     ii = np.zeros((H + 1, W + 1, K))
     ii[1:, 1:] = maps.transpose(1, 2, 0).astype(np.float64).cumsum(0).cumsum(1)
     out = ii[y + h, x + w] - ii[y, x + w] - ii[y + h, x] + ii[y, x]
