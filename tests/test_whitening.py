@@ -198,3 +198,28 @@ def test_rank_deficient_positive_data_with_large_mean():
     assert np.isfinite(wh.apply(w, X)).all()
     with pytest.raises(ValueError):
         wh.fit(s, dim=n, shrinkage=0.0)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), K=st.integers(2, 40), n=st.integers(1, 30),
+       shrinkage=st.sampled_from([0.01, 0.1, 1.0]))
+def test_triangular_basis_keeps_inner_products(seed, K, n, shrinkage):
+    """The triangular basis whitens to the same Gram matrix as `apply`, and `back` rotates it onto
+    `apply`'s rows exactly (up to float32 rounding)."""
+    rng = np.random.default_rng(seed)
+    w = wh.fit(wh.stats(_data(rng, 3 * K + 5, K)), shrinkage=shrinkage)
+    b = wh.triangular_basis(w)
+    assert b is not None and wh.triangular_basis(w) is b  # computed once per whitening
+    assert np.all(np.triu(b.lower, 1) == 0)
+    np.testing.assert_allclose(b.back @ b.back.T, np.eye(K), atol=1e-5)
+    X = _data(rng, n, K).astype(np.float32)
+    ref = wh.apply(w, X).astype(np.float64)
+    got = wh.apply_basis(b, X, width=3).astype(np.float64)
+    scale = max(1.0, float(np.abs(ref).max()))
+    np.testing.assert_allclose(got @ got.T, ref @ ref.T, rtol=1e-4, atol=1e-4 * scale**2)
+    np.testing.assert_allclose(got @ b.back, ref, rtol=1e-4, atol=1e-4 * scale)
+
+
+def test_triangular_basis_only_for_square_whitening():
+    rng = np.random.default_rng(0)
+    assert wh.triangular_basis(wh.fit(wh.stats(_data(rng, 50, 6)), dim=4)) is None
