@@ -266,19 +266,27 @@ def preprocess(image: Image.Image, spec: BackboneSpec, max_size: int = 1024) -> 
     return ((x - mean) / std).unsqueeze(0)
 
 
-def crop_query(image: Image.Image, bbox: Sequence[float], max_size: int | None = None) -> Image.Image:
+def crop_query(image: Image.Image, bbox: Sequence[float], max_size: int | None = None,
+               scale: float = 1.0) -> Image.Image:
     """The query image cropped to its pixel box ``(x1, y1, x2, y2)`` (outward to whole pixels,
     clipped to the image); ValueError if nothing of the box lies inside the image.
 
     With ``max_size``, the whole photo is first resized exactly as ``preprocess`` resizes a database
     image (``resized_hw``) and the box is scaled with it, so the crop is at the database's scale
     (the paper's ``test.m``); the crop is never rescaled on its own. Without it, the crop is taken
-    at the photo's own resolution."""
+    at the photo's own resolution. ``scale`` (with ``max_size``) resizes the whole photo by that
+    factor more before the cut: the query described at another scale (multi-scale localisation)."""
     x1, y1, x2, y2 = (float(v) for v in bbox)
+    if not (scale > 0 and math.isfinite(scale)):
+        raise ValueError(f"query scale must be positive, got {scale}")
+    if scale != 1.0 and max_size is None:
+        raise ValueError("a query scale other than 1 needs max_size (the database's scale)")
     if max_size is not None:
         if image.mode != "RGB":
             image = image.convert("RGB")
         h, w = resized_hw((image.height, image.width), max_size)
+        if scale != 1.0:
+            h, w = max(1, round(h * scale)), max(1, round(w * scale))
         if (h, w) != (image.height, image.width):
             sx, sy = w / image.width, h / image.height
             x1, y1, x2, y2 = x1 * sx, y1 * sy, x2 * sx, y2 * sy

@@ -355,6 +355,13 @@ PARSE_ERRORS = {
     "make-views OUT is a file": (["make-views", "dev", "{file}"], ["out", "is a file"]),
     "make-views missing SRC": (["make-views", "{missing}", "{dir}"], ["no such dataset"]),
     "bench aml --data missing": (["bench", "aml", "--data", "{missing}"], ["--data"]),
+    "search --query-scales 0": (["search", "{dir}", "{jpg}", "--query-scales", "0"], ["--query-scales", "[0.1, 2]"]),
+    "search --query-scales 1,1": (["search", "{dir}", "{jpg}", "--query-scales", "1,1"], ["--query-scales", "twice"]),
+    "evaluate --query-scales x": (["evaluate", "dev", "--query-scales", "1,x"], ["--query-scales", "not a number"]),
+    "evaluate --query-scales too many": (["evaluate", "dev", "--query-scales", "1,.9,.8,.7,.6,.5,.4,.3,.2"],
+                                         ["--query-scales", "at most 8"]),
+    "bench localisation without 1": (["bench", "localisation", "{dir}", "--store", "{dir}", "--scales", "0.5"],
+                                     ["--scales", "include 1"]),
     # names that are not plain text
     "extract --store with a newline": (["extract", "{dir}", "--store", "{odd}"], ["--store", "control characters"]),
     "extract --store not UTF-8": (["extract", "{dir}", "--store", "{bad}"], ["--store", "not UTF-8"]),

@@ -20,7 +20,7 @@ from typing import Callable
 
 __all__ = ["positive_int", "nonnegative_int", "int_range", "positive_float", "float_range", "existing_dir",
            "existing_file", "existing_path", "new_or_existing_dir", "writable_file", "creatable_file",
-           "comma_list", "finite_float", "plain_text"]
+           "comma_list", "finite_float", "plain_text", "query_scales"]
 
 _Error = argparse.ArgumentTypeError
 
@@ -108,6 +108,29 @@ def comma_list(item: Callable[[str], object], length: int | None = None) -> Call
 
     check.__name__ = "comma-separated list"
     return check
+
+
+MAX_QUERY_SCALES = 8
+
+
+def query_scales(text: str) -> tuple[float, ...]:
+    """Query scales for multi-scale localisation: 1 to 8 distinct numbers in [0.1, 2], comma-separated
+    (e.g. ``1,0.71,0.5``); returned as a tuple of floats in the order given."""
+    items = [t for t in text.split(",") if t.strip()]
+    if not items:
+        raise _Error(f"expected comma-separated scales such as 1,0.71,0.5, got {text!r}")
+    if len(items) > MAX_QUERY_SCALES:
+        raise _Error(f"at most {MAX_QUERY_SCALES} scales, got {len(items)} in {text!r}")
+    check = float_range(0.1, 2.0)
+    out = []
+    for t in items:
+        try:
+            out.append(check(t))
+        except _Error as e:
+            raise _Error(f"scale {t.strip()!r} in {text!r}: {e}") from None
+    if len(set(out)) != len(out):
+        raise _Error(f"a scale is listed twice in {text!r}")
+    return tuple(out)
 
 
 def finite_float(text: str) -> float:

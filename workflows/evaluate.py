@@ -26,8 +26,9 @@ from rmac.workflows.args import existing_dir, new_or_existing_dir, nonnegative_i
 from rmac.workflows.errors import UsageError
 from rmac.workflows.extract import ModelChoice, add_model_arguments, extract
 from rmac.workflows.index import DEFAULT_L, build_index, load_whitenings
-from rmac.workflows.search import (Database, QueryVectors, Ranking, SearchParams, answer, localise_exhaustive,
-                                   query_maps, query_vectors, rerank_many)
+from rmac.workflows.search import (Database, QueryVectors, Ranking, SearchParams, add_query_scales_argument,
+                                   answer, describe_at_scales, localise_exhaustive, query_maps, query_vectors,
+                                   rerank_many)
 
 METHODS = {
     "mac": SearchParams(filter="mac", rerank=False, qe=0),
@@ -93,9 +94,10 @@ def evaluate(dataset: str, client, choice: ModelChoice = ModelChoice(), max_size
              store: str | None = None, distractors: tuple[str, ...] = (), whiten_on: str | None = None,
              top_n: int = 1000, methods: tuple[str, ...] = tuple(METHODS), rank_depth: int = 10_000,
              L: int = DEFAULT_L, qe: int = 5, progress: bool = True, allow_unknown: bool = False,
-             nprobe: int | None = None) -> Evaluation:
+             nprobe: int | None = None, query_scales: tuple[float, ...] = (1.0,)) -> Evaluation:
     """Evaluate ``methods`` on ``dataset``; the result holds mAP in percent (None where undefined: no
-    query has a positive). Ground truth naming images outside the dataset raises `DatasetError`, or
+    query has a positive). ``query_scales`` other than ``(1.0,)``: multi-scale localisation in the
+    re-ranking (`SearchParams.query_scales`). Ground truth naming images outside the dataset raises `DatasetError`, or
     with ``allow_unknown`` is dropped with a warning (their number is in the result's ``unknown_gt``)."""
     if choice.random_weights:
         raise SystemExit("rmac evaluate: random weights are for speed benchmarks only")
@@ -144,6 +146,9 @@ def evaluate(dataset: str, client, choice: ModelChoice = ModelChoice(), max_size
     for f in futures:
         maps, hw, bbox = f.result()
         qvs.append(query_vectors(maps, w, L, hw, bbox))
+    if any(METHODS[m].rerank for m in methods):
+        qvs = describe_at_scales(client, qvs, [str(ds.image_paths[q.image]) for q in ds.queries], choice, max_size,
+                                 query_scales)
     timings["queries_s"] = time.perf_counter() - t
 
     gnd = ds.gnd(rows_of)
@@ -154,7 +159,7 @@ def evaluate(dataset: str, client, choice: ModelChoice = ModelChoice(), max_size
     for name in methods:
         base = METHODS[name]
         params = SearchParams(**{**base.__dict__, "top_n": top_n, "L": L, "qe": qe if base.qe else 0,
-                                 "nprobe": nprobe})
+                                 "nprobe": nprobe, "query_scales": tuple(query_scales)})
         t = time.perf_counter()
         key = params.filter
         if params.rerank and key not in reranked:  # one scattered pass for all queries, reused with QE
@@ -170,7 +175,8 @@ def evaluate(dataset: str, client, choice: ModelChoice = ModelChoice(), max_size
         per_method[name] = ranked
     out = {
         "dataset": ds.name, "backbone": choice.backbone, "max_size": max_size, "whitening": label,
-        "n_images": n_db, "n_queries": len(ds.queries), "top_n": top_n, "qe": qe, "methods": results,
+        "n_images": n_db, "n_queries": len(ds.queries), "top_n": top_n, "qe": qe,
+        "query_scales": list(query_scales), "methods": results,
         "unknown_gt": len(unknown),
         "extract": {k: summary[k] for k in ("done", "failed", "map_bytes_per_image")},
         "timings": {k: round(v, 2) for k, v in timings.items()},
@@ -180,11 +186,9 @@ def evaluate(dataset: str, client, choice: ModelChoice = ModelChoice(), max_size
     return Evaluation(result=out, dataset=ds, db=db, rankings=per_method, queries=qvs)
 
 
-def localisation(ds: Dataset, db: Database, client, qvs, reranked: list[dict], rows_of: dict) -> dict:
-    """Mean IoU with the true boxes of the AML box (from R-MAC re-ranking) and of the exhaustive optimum,
-    over every (query, positive) pair with a known box (the paper's Section 8); reported apart for
-    self-pastes (the query photo itself pasted, `rmac make-views --self-pastes`: the true box is exactly
-    what the query shows) and for other positives, with the share of self-pastes at IoU >= 0.5."""
+def localisation_pairs(ds: Dataset, rows_of: dict) -> list[tuple[int, int, tuple, bool]]:
+    """Every (query index, database row, true pixel box, is a self-paste of that query's photo) of the
+    positives with a known box that the store holds."""
     from rmac.workflows.views import QUERY_SUFFIX, self_paste_source
 
     pairs = []
@@ -193,7 +197,17 @@ def localisation(ds: Dataset, db: Database, client, qvs, reranked: list[dict], r
         for img, true_box in (q.boxes or {}).items():
             if img in rows_of:
                 pairs.append((i, rows_of[img], tuple(true_box), self_paste_source(img) == photo))
-    futures = [client.submit(localise_exhaustive, db.stores[0], row, qvs[i].mac, pure=False)
+    return pairs
+
+
+def localisation(ds: Dataset, db: Database, client, qvs, reranked: list[dict], rows_of: dict) -> dict:
+    """Mean IoU with the true boxes of the AML box (from R-MAC re-ranking) and of the exhaustive optimum,
+    over every (query, positive) pair with a known box (the paper's Section 8); reported apart for
+    self-pastes (the query photo itself pasted, `rmac make-views --self-pastes`: the true box is exactly
+    what the query shows) and for other positives, with the share of self-pastes at IoU >= 0.5.
+    With query scales, the exhaustive optimum is the best-scoring one over the scales."""
+    pairs = localisation_pairs(ds, rows_of)
+    futures = [client.submit(localise_exhaustive, db.stores[0], row, qvs[i].localisation_macs(), pure=False)
                for i, row, _, _ in pairs]
     groups: dict[str, dict[str, list[float]]] = {g: {"aml": [], "exhaustive": []} for g in ("all", "self", "other")}
     for (i, row, true_box, is_self), f in zip(pairs, futures):
@@ -275,6 +289,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of methods")
     parser.add_argument("--qe", type=nonnegative_int, default=5, help="top re-ranked images merged by QE (default 5)")
     parser.add_argument("--nprobe", type=positive_int, help="IVF lists probed per shard (stores indexed with --ivf)")
+    add_query_scales_argument(parser)
     parser.add_argument("--json", dest="json_out", type=writable_file, help="write the result as JSON to this file")
     parser.add_argument("--allow-unknown", action="store_true",
                         help="drop ground-truth images that are not in the dataset (with a warning) instead of "
@@ -289,7 +304,7 @@ def main(args: argparse.Namespace, client) -> int:
         raise UsageError(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     res = evaluate(args.dataset, client, choice, args.max_size, args.store, tuple(args.distractors),
                    args.whiten_on, args.top_n, methods, qe=args.qe, allow_unknown=args.allow_unknown,
-                   nprobe=args.nprobe).result
+                   nprobe=args.nprobe, query_scales=args.query_scales).result
     print_table(res)
     if args.json_out:
         Path(args.json_out).write_text(to_json(res))

@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from rmac.workflows.extract import ModelChoice
-from rmac.workflows.search import (Database, QueryError, SearchParams, answer, query_maps, query_vectors,
-                                   rerank_many, to_json)
+from rmac.workflows.search import (Database, QueryError, SearchParams, answer, describe_at_scales, query_maps,
+                                   query_vectors, rerank_many, to_json)
 
 QUERY_CHUNK = 64  # queries re-ranked together: bounds the client's memory (top_n vectors per query)
 
@@ -105,6 +105,8 @@ def answer_queries(db: Database, client, queries: list[QueryLine], params: Searc
                 client.cancel(pending)
                 raise QueryError(f"{q.where}: {e}") from None
             qvs.append(query_vectors(maps, db.whitenings, params.L, hw, bbox))
+        if params.rerank and params.top_n > 0:
+            qvs = describe_at_scales(client, qvs, [q.image for q in qs], choice, cfg.max_size, params.query_scales)
         # the next chunk's queries are extracted while this one is filtered and re-ranked
         pending = _maps(client, chunks[ci + 1], choice, cfg.max_size) if ci + 1 < len(chunks) else []
         extract_s = (time.perf_counter() - t) / len(qs)

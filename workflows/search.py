@@ -35,7 +35,8 @@ from rmac.storage.maps import PartitionCache
 from rmac.storage.store import Store, StoreError
 from rmac.workflows.extract import ModelChoice, worker_model
 from rmac.workflows.index import Whitenings, load_whitenings, require_indexed
-from rmac.workflows.args import existing_file, finite_float, nonnegative_int, positive_int, writable_file
+from rmac.workflows.args import (existing_file, finite_float, nonnegative_int, positive_int, query_scales,
+                                 writable_file)
 from rmac.workflows.text import printable
 
 
@@ -58,6 +59,12 @@ class SearchParams:
     L: int = 3
     exact: bool = False  # float integral images instead of the LUT path
     nprobe: int | None = None  # IVF lists probed per shard (None: the shard's own)
+    # Multi-scale localisation (an extension; (1.0,) is the paper): the query is also described at
+    # these scales (`QueryVectors.scale_macs`), AML runs once per scale on each short-listed map and
+    # the window whose `scale_pick` score is best is kept: "aml" its AML cosine with the MAC of the
+    # scale that found it, "score" its re-ranking score (the same query R-MAC / whitened MAC for all).
+    query_scales: tuple[float, ...] = (1.0,)
+    scale_pick: str = "aml"
 
 
 @dataclass
@@ -70,12 +77,20 @@ class QueryVectors:
     aspect: float
     image_hw: tuple[int, int]
     bbox: tuple[float, float, float, float]
+    # multi-scale localisation: the l2-normalised MAC of the query at each of `scales` (S, K); None: the
+    # paper's single scale (`mac`). Filtering and the re-ranking scores always use the scale-1 vectors.
+    scales: tuple[float, ...] = (1.0,)
+    scale_macs: np.ndarray | None = None
+
+    def localisation_macs(self) -> np.ndarray:
+        """The query MACs AML localises with: (S, K), one row per scale."""
+        return self.mac[None] if self.scale_macs is None else self.scale_macs
 
 
 def query_maps(path: str, bbox: tuple[float, float, float, float] | None, choice: ModelChoice,
-               max_size: int) -> tuple[np.ndarray, tuple[int, int], tuple[float, float, float, float]]:
-    """Load the query, check its box, resize the whole photo as `extract` resizes a database image and
-    crop the scaled box; return its (K, h, w) maps (runs on a worker)."""
+               max_size: int, scale: float = 1.0) -> tuple[np.ndarray, tuple[int, int], tuple[float, float, float, float]]:
+    """Load the query, check its box, resize the whole photo as `extract` resizes a database image
+    (times ``scale``) and crop the scaled box; return its (K, h, w) maps (runs on a worker)."""
     from rmac.ops.backbones import activations, crop_query
 
     try:
@@ -95,10 +110,56 @@ def query_maps(path: str, bbox: tuple[float, float, float, float] | None, choice
         raise QueryError(f"query box {bbox} is too small inside the {W}x{H} image")
     model, spec = worker_model(choice)
     try:  # the whole photo at the database's scale, then the (scaled) box: never the crop alone
-        maps = activations(model, spec, crop_query(image, bbox, max_size), max_size=max_size)
+        maps = activations(model, spec, crop_query(image, bbox, max_size, scale), max_size=max_size)
     except ValueError as e:
         raise QueryError(f"query box {bbox}: {e}") from None
     return maps, (H, W), bbox
+
+
+def query_scale_macs(path: str, bbox: tuple[float, float, float, float], choice: ModelChoice, max_size: int,
+                     scales: tuple[float, ...]) -> tuple[tuple[float, ...], np.ndarray]:
+    """The query's l2-normalised MAC at each scale of ``scales`` other than 1 (a worker task): the
+    scales kept and their (S, K) MACs. The query was already described at scale 1, so a scale that
+    fails here has a crop too small for the backbone: it is left out (the other scales localise)."""
+    kept, macs = [], []
+    for sc in scales:
+        if sc == 1.0:
+            continue
+        try:
+            maps, _, _ = query_maps(path, bbox, choice, max_size, sc)
+        except QueryError:
+            continue
+        kept.append(float(sc))
+        macs.append(l2n(mac(maps)))
+    K = macs[0].shape[0] if macs else 0
+    return tuple(kept), np.asarray(macs, np.float32).reshape(len(macs), K)
+
+
+def with_scales(qv: QueryVectors, scales: tuple[float, ...], kept: tuple[float, ...], macs: np.ndarray) -> QueryVectors:
+    """``qv`` localising with its MACs at ``scales`` (``kept``/``macs`` from `query_scale_macs`; scale 1
+    is ``qv.mac`` itself). ``scales == (1.0,)`` gives ``qv`` unchanged (the paper)."""
+    from dataclasses import replace
+
+    if tuple(scales) == (1.0,):
+        return qv
+    by_scale = dict(zip(kept, macs))
+    if 1.0 in scales:
+        by_scale[1.0] = qv.mac
+    order = tuple(float(sc) for sc in scales if sc in by_scale)
+    if not order:
+        raise QueryError(f"query box {qv.bbox} is too small at every scale of {scales}")
+    return replace(qv, scales=order, scale_macs=np.stack([by_scale[sc] for sc in order]).astype(np.float32))
+
+
+def describe_at_scales(client, qvs: list[QueryVectors], paths: list[str], choice: ModelChoice, max_size: int,
+                       scales: tuple[float, ...]) -> list[QueryVectors]:
+    """Each query of ``qvs`` (photo ``paths[i]``) also described at ``scales`` on the workers; unchanged
+    for the paper's single scale."""
+    if tuple(scales) == (1.0,):
+        return qvs
+    futures = [client.submit(query_scale_macs, p, qv.bbox, choice, max_size, tuple(scales), pure=False)
+               for qv, p in zip(qvs, paths)]
+    return [with_scales(qv, scales, *f.result()) for qv, f in zip(qvs, futures)]
 
 
 def _pair(whitening: Whitenings | wh.Whitening) -> tuple[wh.Whitening, wh.Whitening]:
@@ -216,8 +277,6 @@ def rerank_rows(store: Store, jobs: list[tuple[QueryVectors, list[int]]],
                              f"run `rmac verify {store.path}`")
     parts = {p: store.read_sparse(p, c) for p in sorted(set(part_of.values()))}
     first = {p: store.partition_rows(p).start for p in parts}
-    use_rmac = params.filter == "rmac"
-    w_regional, w_mac = _pair(whitening)
     out = []
     for qv, rows in jobs:
         rows = [int(r) for r in rows]
@@ -227,22 +286,62 @@ def rerank_rows(store: Store, jobs: list[tuple[QueryVectors, list[int]]],
             by_part[part_of[rows[i]]].append(rows[i] - first[part_of[rows[i]]])
         sp = take_maps([(parts[p].maps, np.asarray(local)) for p, local in by_part.items()])
         image_hw = np.concatenate([parts[p].image_hw[local] for p, local in by_part.items()])
-        res = rerank_maps(sp, qv.mac, qv.aspect, q_rmac=qv.rmac if use_rmac else None,
-                          whitening=w_regional if use_rmac else None, L=params.L, levels=store.config.levels,
-                          t=params.t, s=params.s)
+        res = rerank_scales(sp, qv, whitening, params, store.config.levels)
         back = np.empty(len(rows), np.int64)
         back[np.asarray(order, np.int64)] = np.arange(len(rows))  # result of rows[i] is at back[i]
         boxes = [box_to_pixels(res.boxes[j], sp.map_hw[j], image_hw[j], cell_geometry(store, image_hw[j]))
                  for j in back]
-        scores, vectors = res.scores[back], res.vectors[back]
-        if not use_rmac:
-            # MAC filtering ranks whitened MACs: the localised box is scored with the same information,
-            # its approximate MAC l2 -> whiten -> l2 against the query's (AML itself used plain MAC).
+        out.append({"rows": rows, "scores": res.scores[back], "boxes": boxes, "vectors": res.vectors[back],
+                    "windows": res.n_scored[back], "scale": res.scale[back]})
+    return out
+
+
+@dataclass
+class Localised:
+    """`rerank_scales`' answer per map: re-ranking score, AML box (cells), localised vector, AML cosine,
+    windows scored (all scales together) and the index in ``qv.scales`` of the scale that was kept."""
+
+    scores: np.ndarray
+    boxes: np.ndarray
+    vectors: np.ndarray
+    aml_scores: np.ndarray
+    n_scored: np.ndarray
+    scale: np.ndarray
+
+
+def rerank_scales(sp, qv: QueryVectors, whitening: Whitenings | wh.Whitening, params: SearchParams,
+                  levels: int = 31) -> Localised:
+    """AML re-ranking of every map of ``sp`` (`SparseMaps`) for one query: once per query scale
+    (`QueryVectors.localisation_macs`), keeping per map the window of the scale whose
+    ``params.scale_pick`` score is best; with one scale, the paper's re-ranking. The score is that
+    window's R-MAC against the query's R-MAC (R-MAC filtering), or its approximate MAC l2 -> whiten
+    -> l2 against the query's whitened MAC (MAC filtering, which ranks whitened MACs)."""
+    use_rmac = params.filter == "rmac"
+    w_regional, w_mac = _pair(whitening)
+    got = []
+    for q_mac in qv.localisation_macs():
+        res = rerank_maps(sp, q_mac, qv.aspect, q_rmac=qv.rmac if use_rmac else None,
+                          whitening=w_regional if use_rmac else None, L=params.L, levels=levels,
+                          t=params.t, s=params.s)
+        scores, vectors = res.scores, res.vectors
+        if not use_rmac:  # AML itself used the plain MAC
             vectors = l2n(wh.apply(w_mac, vectors))
             scores = vectors @ qv.macw
-        out.append({"rows": rows, "scores": scores, "boxes": boxes, "vectors": vectors,
-                    "windows": res.n_scored[back]})
-    return out
+        got.append(Localised(scores, res.boxes, vectors, res.aml_scores, res.n_scored,
+                             np.zeros(len(scores), np.int64)))
+    if len(got) == 1:
+        return got[0]
+    if params.scale_pick not in ("aml", "score"):
+        raise ValueError(f"scale_pick must be 'aml' or 'score', got {params.scale_pick!r}")
+    key = np.stack([g.aml_scores if params.scale_pick == "aml" else g.scores for g in got])
+    pick = np.argmax(key, axis=0)  # ties keep the first scale listed
+    idx = np.arange(key.shape[1])
+
+    def take(name: str) -> np.ndarray:
+        return np.stack([getattr(g, name) for g in got])[pick, idx]
+
+    return Localised(take("scores"), take("boxes"), take("vectors"), take("aml_scores"),
+                     np.sum([g.n_scored for g in got], axis=0), pick)
 
 
 def warm_kernels() -> float:
@@ -298,9 +397,12 @@ def warm_workers(client) -> None:
 
 
 def localise_exhaustive(store: Store, row: int, q_mac: np.ndarray) -> tuple[float, float, float, float]:
-    """The exhaustive optimum window of ``q_mac`` in ``row``'s map, in image pixels (a Dask task)."""
+    """The exhaustive optimum window of ``q_mac`` in ``row``'s map, in image pixels (a Dask task).
+    With several query MACs (rows of a 2-D ``q_mac``: the query at several scales), the best-scoring
+    of their optima."""
     (q, _), = store.read_maps([row])
-    best = exhaustive_search(integral_lut(q, store.config.levels), q_mac)
+    ii = integral_lut(q, store.config.levels)
+    best = max((exhaustive_search(ii, m) for m in np.atleast_2d(q_mac)), key=lambda r: r.score)
     image_hw = tuple(int(v) for v in store.arrays["image_hw"][row])
     return box_to_pixels(best.box, q.shape[1:], image_hw, cell_geometry(store, image_hw))
 
@@ -436,6 +538,8 @@ def search(store_paths: list[str], client, query_path: str, bbox=None, params: S
     t = time.perf_counter()
     maps, image_hw, bbox = client.submit(query_maps, query_path, bbox, choice, cfg.max_size, pure=False).result()
     qv = query_vectors(maps, db.whitenings, params.L, image_hw, bbox)
+    if params.rerank:
+        qv, = describe_at_scales(client, [qv], [query_path], choice, cfg.max_size, params.query_scales)
     extract_s = time.perf_counter() - t
     ranking = answer(db, client, qv, params, k=k)
     ranking.timings = {"extract_s": extract_s, **ranking.timings}
@@ -460,6 +564,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--qe", type=nonnegative_int, default=5, help="query expansion with the top QE (0: off)")
     parser.add_argument("--filter", choices=("rmac", "mac"), default="rmac")
     parser.add_argument("--nprobe", type=positive_int, help="IVF lists probed per shard (indexes built with --ivf)")
+    add_query_scales_argument(parser)
     parser.add_argument("--show", type=positive_int, default=20,
                         help="hits printed / drawn / written per query (default %(default)s)")
     parser.add_argument("--json", nargs="?", const="-", metavar="OUT", type=_json_out,
@@ -468,9 +573,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--html", type=writable_file, help="write a self-contained HTML page of the hits")
 
 
+QUERY_SCALES_HELP = (
+    "multi-scale localisation (an extension of the paper): also describe the query photo resized by "
+    "each of these factors (comma-separated, in [0.1, 2], e.g. 1,0.71,0.5), run AML with each scale's "
+    "MAC on every short-listed image and keep the best-scoring window; the scale-1 query still filters "
+    "and scores. Costs one query extraction and one full re-ranking pass per scale: re-ranking time x "
+    "the number of scales; the stored maps are unchanged. Default 1 (the paper's single scale). "
+    "Measured in docs/benchmarks.md (issue 8)")
+
+
+def add_query_scales_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--query-scales", type=query_scales, default=(1.0,), metavar="S1,S2,...",
+                        help=QUERY_SCALES_HELP)
+
+
 def main(args: argparse.Namespace, client) -> int:
     params = SearchParams(top_n=args.top_n, rerank=args.rerank, qe=args.qe if args.rerank else 0,
-                          filter=args.filter, nprobe=args.nprobe)
+                          filter=args.filter, nprobe=args.nprobe, query_scales=args.query_scales)
     if args.queries or args.query is None:
         return _main_batch(args, client, params)
     result = search([args.store, *args.distractors], client, args.query, args.bbox, params,

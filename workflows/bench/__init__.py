@@ -18,7 +18,8 @@ BENCHES = {
     "quantisation": ("quality", "re-ranking mAP with float vs quantised maps, and bytes per image"),
     "extract": ("extract", "Dask extraction vs a plain torch loop"),
     "search": ("search", "filter / re-rank / QE times, 1 vs 2 workers"),
-    "grow": ("grow", "index after a store grew by 10 %: incremental vs full"),
+    "grow": ("grow", "index after a store grew by a tenth: incremental vs full"),
+    "localisation": ("localisation", "AML / exhaustive windows vs exact boxes on views: IoU by object size, query scales"),
     "scale": ("scale", "N synthetic distractors: build time, peak memory, bytes, exact/IVF filtering, query time"),
 }
 

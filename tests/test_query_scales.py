@@ -1,0 +1,121 @@
+"""Multi-scale localisation (`rmac search/evaluate --query-scales`): the query photo resized before its
+box is cut (`crop_query(..., scale)`), AML once per scale on each map and the best window kept
+(`rmac.workflows.search.rerank_scales`), checked against the single-scale kernels run one scale at a
+time; with the scales (1,) it is the paper's re-ranking, bit for bit."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from rmac.ops import whitening as wh
+from rmac.ops.backbones import crop_query, resized_hw
+from rmac.ops.integral import sparse_maps
+from rmac.ops.pooling import l2n, rmac
+from rmac.ops.rerank import rerank
+from rmac.workflows.search import QueryError, QueryVectors, SearchParams, rerank_scales, with_scales
+
+K = 24
+
+
+def _maps(rng, n: int = 6) -> list[np.ndarray]:
+    """Quantised maps of different sizes: faint sparse clutter and a bright blob on channels of its own."""
+    out = []
+    for _ in range(n):
+        h, w = rng.integers(5, 12, 2)
+        q = rng.integers(0, 9, (K, h, w)) * (rng.random((K, h, w)) < 0.2)
+        y, x = rng.integers(0, h - 2), rng.integers(0, w - 2)
+        q[rng.choice(K, K // 3, replace=False), y:y + 3, x:x + 3] = 31
+        out.append(q.astype(np.uint8))
+    return out
+
+
+def _query(rng, whitening) -> QueryVectors:
+    qmap = rng.random((K, 6, 8)).astype(np.float32) ** 3
+    m = l2n(qmap.max(axis=(1, 2)))
+    return QueryVectors(mac=m, macw=l2n(wh.apply(whitening, m[None])[0]), rmac=rmac(qmap, 3, whitening),
+                        aspect=8 / 6, image_hw=(600, 800), bbox=(0.0, 0.0, 800.0, 600.0))
+
+
+@pytest.fixture(scope="module")
+def setup():
+    rng = np.random.default_rng(7)
+    w = wh.fit(wh.stats(rng.random((400, K)).astype(np.float32)))
+    maps = _maps(rng)
+    return rng, w, maps, sparse_maps(maps)
+
+
+def test_crop_query_at_a_scale_is_the_crop_of_the_resized_photo():
+    photo = Image.effect_noise((1600, 1200), 60).convert("RGB")
+    box = (400.0, 300.0, 1200.0, 900.0)
+    full = crop_query(photo, box, 1024)
+    half = crop_query(photo, box, 1024, 0.5)
+    h, w = resized_hw((1200, 1600), 1024)
+    assert full.size == (512, 384)
+    assert half.size == (256, 192)
+    ref = photo.resize((round(w * 0.5), round(h * 0.5)), Image.Resampling.BILINEAR).crop((128, 96, 384, 288))
+    assert np.array_equal(np.asarray(half), np.asarray(ref))
+    assert crop_query(photo, box, 1024, 1.0).tobytes() == full.tobytes()
+    with pytest.raises(ValueError):
+        crop_query(photo, box, 1024, 0.0)
+    with pytest.raises(ValueError):
+        crop_query(photo, box, None, 0.5)  # a scale is relative to the database's scale
+
+
+@pytest.mark.parametrize("filter_", ["rmac", "mac"])
+def test_one_scale_is_the_papers_rerank(setup, filter_):
+    """Scales (1,) and the scale-1 MAC listed twice give exactly the single-scale re-ranking."""
+    rng, w, maps, sp = setup
+    qv = _query(rng, w)
+    params = SearchParams(filter=filter_)
+    plain = rerank_scales(sp, qv, w, params)
+    ref = rerank(sp, qv.mac, qv.aspect, q_rmac=qv.rmac if filter_ == "rmac" else None,
+                 whitening=w if filter_ == "rmac" else None)
+    assert np.array_equal(plain.boxes, ref.boxes)
+    if filter_ == "rmac":
+        assert np.array_equal(plain.scores, ref.scores)
+    else:  # MAC filtering scores the box's whitened approximate MAC
+        np.testing.assert_allclose(plain.scores, l2n(wh.apply(w, ref.vectors)) @ qv.macw, rtol=0, atol=1e-6)
+    assert with_scales(qv, (1.0,), (), np.zeros((0, K), np.float32)) is qv
+    twice = dataclasses.replace(qv, scales=(1.0, 0.5), scale_macs=np.stack([qv.mac, qv.mac]))
+    for pick in ("aml", "score"):
+        got = rerank_scales(sp, twice, w, dataclasses.replace(params, scale_pick=pick))
+        assert np.array_equal(got.boxes, plain.boxes) and np.array_equal(got.scores, plain.scores)
+        assert np.array_equal(got.vectors, plain.vectors)
+        assert (got.scale == 0).all()  # ties keep the first scale listed
+        assert np.array_equal(got.n_scored, 2 * plain.n_scored)
+
+
+@pytest.mark.parametrize("pick", ["aml", "score"])
+def test_each_map_keeps_the_window_of_its_best_scale(setup, pick):
+    rng, w, maps, sp = setup
+    qv = _query(rng, w)
+    other = l2n(maps[0].max(axis=(1, 2)).astype(np.float32))  # a second "scale" that matches map 0 best
+    ms = dataclasses.replace(qv, scales=(1.0, 0.5), scale_macs=np.stack([qv.mac, other]))
+    got = rerank_scales(sp, ms, w, SearchParams(scale_pick=pick))
+    one = [rerank(sp, m, qv.aspect, q_rmac=qv.rmac, whitening=w) for m in (qv.mac, other)]
+    key = np.stack([r.aml_scores if pick == "aml" else r.scores for r in one])
+    best = key.argmax(axis=0)
+    assert 0 < best.sum() < len(maps)  # each scale wins somewhere
+    for i, b in enumerate(best):
+        assert got.scale[i] == b
+        assert tuple(got.boxes[i]) == tuple(one[b].boxes[i])
+        assert got.scores[i] == one[b].scores[i] and got.aml_scores[i] == one[b].aml_scores[i]
+        assert np.array_equal(got.vectors[i], one[b].vectors[i])
+    with pytest.raises(ValueError, match="scale_pick"):
+        rerank_scales(sp, ms, w, SearchParams(scale_pick="largest"))
+
+
+def test_with_scales_orders_and_drops():
+    m1, m2, m3 = (l2n(np.eye(K, dtype=np.float32)[i]) for i in range(3))
+    qv = QueryVectors(mac=m1, macw=m1, rmac=m1, aspect=1.0, image_hw=(10, 10), bbox=(0.0, 0.0, 10.0, 10.0))
+    got = with_scales(qv, (0.5, 1.0, 0.35), (0.5,), m2[None])  # 0.35 was too small: left out
+    assert got.scales == (0.5, 1.0)
+    assert np.array_equal(got.scale_macs, np.stack([m2, m1]))
+    assert np.array_equal(got.localisation_macs(), got.scale_macs)
+    assert np.array_equal(qv.localisation_macs(), m1[None])
+    with pytest.raises(QueryError):
+        with_scales(qv, (0.5,), (), np.zeros((0, K), np.float32))
+    assert with_scales(qv, (0.5, 0.35), (0.5, 0.35), np.stack([m2, m3])).scales == (0.5, 0.35)
