@@ -15,7 +15,7 @@ from rmac.ops.backbones import crop_query, resized_hw
 from rmac.ops.integral import sparse_maps
 from rmac.ops.pooling import l2n, rmac
 from rmac.ops.rerank import rerank
-from rmac.workflows.search import QueryError, QueryVectors, SearchParams, rerank_scales, with_scales
+from rmac.workflows.search import QueryError, QueryVectors, SearchParams, query_vectors, rerank_scales, with_scales
 
 K = 24
 
@@ -78,9 +78,10 @@ def test_one_scale_is_the_papers_rerank(setup, filter_):
         assert np.array_equal(plain.scores, ref.scores)
     else:  # MAC filtering scores the box's whitened approximate MAC
         np.testing.assert_allclose(plain.scores, l2n(wh.apply(w, ref.vectors)) @ qv.macw, rtol=0, atol=1e-6)
-    assert with_scales(qv, (1.0,), (), np.zeros((0, K), np.float32)) is qv
-    twice = dataclasses.replace(qv, scales=(1.0, 0.5), scale_macs=np.stack([qv.mac, qv.mac]))
-    for pick in ("aml", "score"):
+    assert with_scales(qv, (1.0,), (), [], w, 3) is qv
+    twice = dataclasses.replace(qv, scales=(1.0, 0.5), scale_macs=np.stack([qv.mac, qv.mac]),
+                                scale_rmacs=np.stack([qv.rmac, qv.rmac]), scale_macws=np.stack([qv.macw, qv.macw]))
+    for pick in ("aml", "score", "own"):
         got = rerank_scales(sp, twice, w, dataclasses.replace(params, scale_pick=pick))
         assert np.array_equal(got.boxes, plain.boxes) and np.array_equal(got.scores, plain.scores)
         assert np.array_equal(got.vectors, plain.vectors)
@@ -88,15 +89,18 @@ def test_one_scale_is_the_papers_rerank(setup, filter_):
         assert np.array_equal(got.n_scored, 2 * plain.n_scored)
 
 
-@pytest.mark.parametrize("pick", ["aml", "score"])
+@pytest.mark.parametrize("pick", ["aml", "score", "own"])
 def test_each_map_keeps_the_window_of_its_best_scale(setup, pick):
     rng, w, maps, sp = setup
     qv = _query(rng, w)
-    other = l2n(maps[0].max(axis=(1, 2)).astype(np.float32))  # a second "scale" that matches map 0 best
-    ms = dataclasses.replace(qv, scales=(1.0, 0.5), scale_macs=np.stack([qv.mac, other]))
+    other = maps[0][:, :3, :3].astype(np.float32)  # a second "scale" that matches map 0 best
+    o = query_vectors(other, w, 3, qv.image_hw, qv.bbox)
+    ms = with_scales(qv, (1.0, 0.5), (0.5,), [other], w, 3)
+    assert np.array_equal(ms.scale_macs[1], o.mac) and np.array_equal(ms.scale_rmacs[1], o.rmac)
     got = rerank_scales(sp, ms, w, SearchParams(scale_pick=pick))
-    one = [rerank(sp, m, qv.aspect, q_rmac=qv.rmac, whitening=w) for m in (qv.mac, other)]
-    key = np.stack([r.aml_scores if pick == "aml" else r.scores for r in one])
+    one = [rerank(sp, m, qv.aspect, q_rmac=qv.rmac, whitening=w) for m in (qv.mac, o.mac)]
+    own = [r.vectors @ v for r, v in zip(one, (qv.rmac, o.rmac))]
+    key = np.stack([r.aml_scores for r in one] if pick == "aml" else [r.scores for r in one] if pick == "score" else own)
     best = key.argmax(axis=0)
     assert 0 < best.sum() < len(maps)  # each scale wins somewhere
     for i, b in enumerate(best):
@@ -108,14 +112,18 @@ def test_each_map_keeps_the_window_of_its_best_scale(setup, pick):
         rerank_scales(sp, ms, w, SearchParams(scale_pick="largest"))
 
 
-def test_with_scales_orders_and_drops():
-    m1, m2, m3 = (l2n(np.eye(K, dtype=np.float32)[i]) for i in range(3))
-    qv = QueryVectors(mac=m1, macw=m1, rmac=m1, aspect=1.0, image_hw=(10, 10), bbox=(0.0, 0.0, 10.0, 10.0))
-    got = with_scales(qv, (0.5, 1.0, 0.35), (0.5,), m2[None])  # 0.35 was too small: left out
+def test_with_scales_orders_and_drops(setup):
+    rng, w, maps, _ = setup
+    qv = _query(rng, w)
+    m2, m3 = (mp.astype(np.float32) for mp in maps[:2])
+    got = with_scales(qv, (0.5, 1.0, 0.35), (0.5,), [m2], w, 3)  # 0.35 was too small: left out
     assert got.scales == (0.5, 1.0)
-    assert np.array_equal(got.scale_macs, np.stack([m2, m1]))
+    v2 = query_vectors(m2, w, 3, qv.image_hw, qv.bbox)
+    for name in ("mac", "macw", "rmac"):
+        assert np.array_equal(getattr(got, f"scale_{name}s"), np.stack([getattr(v2, name), getattr(qv, name)]))
     assert np.array_equal(got.localisation_macs(), got.scale_macs)
-    assert np.array_equal(qv.localisation_macs(), m1[None])
+    assert np.array_equal(qv.localisation_macs(), qv.mac[None])
+    assert got.mac is qv.mac and got.rmac is qv.rmac  # filtering and scores keep the scale-1 query
     with pytest.raises(QueryError):
-        with_scales(qv, (0.5,), (), np.zeros((0, K), np.float32))
-    assert with_scales(qv, (0.5, 0.35), (0.5, 0.35), np.stack([m2, m3])).scales == (0.5, 0.35)
+        with_scales(qv, (0.5,), (), [], w, 3)
+    assert with_scales(qv, (0.5, 0.35), (0.5, 0.35), [m2, m3], w, 3).scales == (0.5, 0.35)

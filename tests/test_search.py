@@ -303,3 +303,43 @@ def test_evaluate_reports_self_paste_localisation_apart(client, tmp_path):
     assert loc["iou_aml"] == pytest.approx(overall, abs=0.02)
     assert loc["self"]["iou50_aml"] in (0.0, 25.0, 50.0, 75.0, 100.0)
     assert loc["self"]["iou50_exhaustive"] in (0.0, 25.0, 50.0, 75.0, 100.0)
+
+
+def test_query_scales_on_the_cluster_equal_single_process(client, dev, dev_store, db, queries):
+    """`--query-scales`: the workers describe the query at each scale (the photo resized before the box
+    is cut) and the scattered re-ranking keeps each image's best-scale window, as `rerank_scales` and
+    the single-scale kernel run here per scale on the stored maps; with scales (1,) nothing changes."""
+    from rmac.ops.backbones import crop_query, activations
+    from rmac.ops.integral import sparse_maps
+    from rmac.ops.pooling import mac
+    from rmac.storage.images import load_image
+    from rmac.workflows.extract import worker_model
+    from rmac.workflows.search import describe_at_scales, rerank_many, rerank_scales
+
+    store = dev_store.store
+    scales = (1.0, 0.6)
+    qs = list(zip(dev_store.queries, queries))[:3]
+    paths = [str(dev.image_paths[q.image]) for q, _ in qs]
+    same = describe_at_scales(client, [qv for _, qv in qs], paths, ModelChoice(), MAX_SIZE, (1.0,), db.whitenings,
+                              DEFAULT_L)
+    assert all(a is qv for a, (_, qv) in zip(same, qs))
+    qvs = describe_at_scales(client, [qv for _, qv in qs], paths, ModelChoice(), MAX_SIZE, scales, db.whitenings,
+                             DEFAULT_L)
+    model, spec = worker_model(ModelChoice())
+    rows = np.arange(min(TOP_N, store.n_images))
+    params = SearchParams(top_n=len(rows), query_scales=scales)
+    got = rerank_many(db, client, qvs, [rows] * len(qvs), params)
+    maps = [q for q, _ in store.read_maps(rows.tolist())]
+    image_hw = store.arrays["image_hw"][:][rows]
+    for (q, qv0), qv, path, g in zip(qs, qvs, paths, got):
+        assert qv.scales == scales and np.array_equal(qv.scale_macs[0], qv0.mac)
+        crop = crop_query(load_image(path), qv0.bbox, MAX_SIZE, 0.6)
+        np.testing.assert_allclose(qv.scale_macs[1], l2n(mac(activations(model, spec, crop, MAX_SIZE))), atol=1e-5)
+        ref = rerank_scales(sparse_maps(maps), qv, db.whitenings, params, store.config.levels)
+        assert 0 < (ref.scale == 1).sum() < len(rows)  # both scales win on some image
+        for i, r in enumerate(rows.tolist()):
+            score, box, vec = g[r]
+            assert score == pytest.approx(ref.scores[i], abs=1e-5)
+            np.testing.assert_allclose(box, box_to_pixels(ref.boxes[i], maps[i].shape[1:], image_hw[i],
+                                                          cell_geometry(store, image_hw[i])), atol=1e-9)
+            np.testing.assert_allclose(vec, ref.vectors[i], atol=1e-5)

@@ -148,7 +148,7 @@ def evaluate(dataset: str, client, choice: ModelChoice = ModelChoice(), max_size
         qvs.append(query_vectors(maps, w, L, hw, bbox))
     if any(METHODS[m].rerank for m in methods):
         qvs = describe_at_scales(client, qvs, [str(ds.image_paths[q.image]) for q in ds.queries], choice, max_size,
-                                 query_scales)
+                                 query_scales, w, L)
     timings["queries_s"] = time.perf_counter() - t
 
     gnd = ds.gnd(rows_of)

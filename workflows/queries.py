@@ -106,7 +106,8 @@ def answer_queries(db: Database, client, queries: list[QueryLine], params: Searc
                 raise QueryError(f"{q.where}: {e}") from None
             qvs.append(query_vectors(maps, db.whitenings, params.L, hw, bbox))
         if params.rerank and params.top_n > 0:
-            qvs = describe_at_scales(client, qvs, [q.image for q in qs], choice, cfg.max_size, params.query_scales)
+            qvs = describe_at_scales(client, qvs, [q.image for q in qs], choice, cfg.max_size, params.query_scales,
+                                     db.whitenings, params.L)
         # the next chunk's queries are extracted while this one is filtered and re-ranked
         pending = _maps(client, chunks[ci + 1], choice, cfg.max_size) if ci + 1 < len(chunks) else []
         extract_s = (time.perf_counter() - t) / len(qs)

@@ -62,7 +62,9 @@ class SearchParams:
     # Multi-scale localisation (an extension; (1.0,) is the paper): the query is also described at
     # these scales (`QueryVectors.scale_macs`), AML runs once per scale on each short-listed map and
     # the window whose `scale_pick` score is best is kept: "aml" its AML cosine with the MAC of the
-    # scale that found it, "score" its re-ranking score (the same query R-MAC / whitened MAC for all).
+    # scale that found it; "score" its re-ranking score (against the scale-1 query's R-MAC / whitened
+    # MAC, the same for all scales); "own" its re-ranking vector against the R-MAC / whitened MAC of
+    # the query at the scale that found it. The re-ranking score itself is always the "score" one.
     query_scales: tuple[float, ...] = (1.0,)
     scale_pick: str = "aml"
 
@@ -81,6 +83,8 @@ class QueryVectors:
     # paper's single scale (`mac`). Filtering and the re-ranking scores always use the scale-1 vectors.
     scales: tuple[float, ...] = (1.0,)
     scale_macs: np.ndarray | None = None
+    scale_macws: np.ndarray | None = None  # (S, D): each scale's whitened MAC
+    scale_rmacs: np.ndarray | None = None  # (S, D): each scale's R-MAC
 
     def localisation_macs(self) -> np.ndarray:
         """The query MACs AML localises with: (S, K), one row per scale."""
@@ -116,50 +120,55 @@ def query_maps(path: str, bbox: tuple[float, float, float, float] | None, choice
     return maps, (H, W), bbox
 
 
-def query_scale_macs(path: str, bbox: tuple[float, float, float, float], choice: ModelChoice, max_size: int,
-                     scales: tuple[float, ...]) -> tuple[tuple[float, ...], np.ndarray]:
-    """The query's l2-normalised MAC at each scale of ``scales`` other than 1 (a worker task): the
-    scales kept and their (S, K) MACs. The query was already described at scale 1, so a scale that
-    fails here has a crop too small for the backbone: it is left out (the other scales localise)."""
-    kept, macs = [], []
+def query_scale_maps(path: str, bbox: tuple[float, float, float, float], choice: ModelChoice, max_size: int,
+                     scales: tuple[float, ...]) -> tuple[tuple[float, ...], list[np.ndarray]]:
+    """The query's (K, h, w) maps at each scale of ``scales`` other than 1 (a worker task): the scales
+    kept and their maps. The query was already described at scale 1, so a scale that fails here has a
+    crop too small for the backbone: it is left out (the other scales localise)."""
+    kept, maps = [], []
     for sc in scales:
         if sc == 1.0:
             continue
         try:
-            maps, _, _ = query_maps(path, bbox, choice, max_size, sc)
+            m, _, _ = query_maps(path, bbox, choice, max_size, sc)
         except QueryError:
             continue
         kept.append(float(sc))
-        macs.append(l2n(mac(maps)))
-    K = macs[0].shape[0] if macs else 0
-    return tuple(kept), np.asarray(macs, np.float32).reshape(len(macs), K)
+        maps.append(m)
+    return tuple(kept), maps
 
 
-def with_scales(qv: QueryVectors, scales: tuple[float, ...], kept: tuple[float, ...], macs: np.ndarray) -> QueryVectors:
-    """``qv`` localising with its MACs at ``scales`` (``kept``/``macs`` from `query_scale_macs`; scale 1
-    is ``qv.mac`` itself). ``scales == (1.0,)`` gives ``qv`` unchanged (the paper)."""
+def with_scales(qv: QueryVectors, scales: tuple[float, ...], kept: tuple[float, ...], maps: list[np.ndarray],
+                whitening: "Whitenings | wh.Whitening", L: int) -> QueryVectors:
+    """``qv`` described at ``scales`` too (``kept``/``maps`` from `query_scale_maps`; scale 1 is ``qv``
+    itself): each scale's MAC (AML localises with it), whitened MAC and R-MAC (the rule "own" of
+    `SearchParams.scale_pick`). ``scales == (1.0,)`` gives ``qv`` unchanged (the paper)."""
     from dataclasses import replace
 
     if tuple(scales) == (1.0,):
         return qv
-    by_scale = dict(zip(kept, macs))
+    by_scale = {sc: query_vectors(m, whitening, L, qv.image_hw, qv.bbox) for sc, m in zip(kept, maps)}
     if 1.0 in scales:
-        by_scale[1.0] = qv.mac
+        by_scale[1.0] = qv
     order = tuple(float(sc) for sc in scales if sc in by_scale)
     if not order:
         raise QueryError(f"query box {qv.bbox} is too small at every scale of {scales}")
-    return replace(qv, scales=order, scale_macs=np.stack([by_scale[sc] for sc in order]).astype(np.float32))
+
+    def rows(name: str) -> np.ndarray:
+        return np.stack([getattr(by_scale[sc], name) for sc in order]).astype(np.float32)
+
+    return replace(qv, scales=order, scale_macs=rows("mac"), scale_macws=rows("macw"), scale_rmacs=rows("rmac"))
 
 
 def describe_at_scales(client, qvs: list[QueryVectors], paths: list[str], choice: ModelChoice, max_size: int,
-                       scales: tuple[float, ...]) -> list[QueryVectors]:
+                       scales: tuple[float, ...], whitening: "Whitenings | wh.Whitening", L: int) -> list[QueryVectors]:
     """Each query of ``qvs`` (photo ``paths[i]``) also described at ``scales`` on the workers; unchanged
     for the paper's single scale."""
     if tuple(scales) == (1.0,):
         return qvs
-    futures = [client.submit(query_scale_macs, p, qv.bbox, choice, max_size, tuple(scales), pure=False)
+    futures = [client.submit(query_scale_maps, p, qv.bbox, choice, max_size, tuple(scales), pure=False)
                for qv, p in zip(qvs, paths)]
-    return [with_scales(qv, scales, *f.result()) for qv, f in zip(qvs, futures)]
+    return [with_scales(qv, scales, *f.result(), whitening, L) for qv, f in zip(qvs, futures)]
 
 
 def _pair(whitening: Whitenings | wh.Whitening) -> tuple[wh.Whitening, wh.Whitening]:
@@ -318,8 +327,10 @@ def rerank_scales(sp, qv: QueryVectors, whitening: Whitenings | wh.Whitening, pa
     -> l2 against the query's whitened MAC (MAC filtering, which ranks whitened MACs)."""
     use_rmac = params.filter == "rmac"
     w_regional, w_mac = _pair(whitening)
-    got = []
-    for q_mac in qv.localisation_macs():
+    if params.scale_pick not in ("aml", "score", "own"):
+        raise ValueError(f"scale_pick must be 'aml', 'score' or 'own', got {params.scale_pick!r}")
+    got, keys = [], []
+    for j, q_mac in enumerate(qv.localisation_macs()):
         res = rerank_maps(sp, q_mac, qv.aspect, q_rmac=qv.rmac if use_rmac else None,
                           whitening=w_regional if use_rmac else None, L=params.L, levels=levels,
                           t=params.t, s=params.s)
@@ -329,11 +340,13 @@ def rerank_scales(sp, qv: QueryVectors, whitening: Whitenings | wh.Whitening, pa
             scores = vectors @ qv.macw
         got.append(Localised(scores, res.boxes, vectors, res.aml_scores, res.n_scored,
                              np.zeros(len(scores), np.int64)))
+        if params.scale_pick == "own" and qv.scale_macs is not None:
+            keys.append(vectors @ (qv.scale_rmacs if use_rmac else qv.scale_macws)[j])
+        else:
+            keys.append(res.aml_scores if params.scale_pick == "aml" else scores)
     if len(got) == 1:
         return got[0]
-    if params.scale_pick not in ("aml", "score"):
-        raise ValueError(f"scale_pick must be 'aml' or 'score', got {params.scale_pick!r}")
-    key = np.stack([g.aml_scores if params.scale_pick == "aml" else g.scores for g in got])
+    key = np.stack(keys)
     pick = np.argmax(key, axis=0)  # ties keep the first scale listed
     idx = np.arange(key.shape[1])
 
@@ -539,7 +552,8 @@ def search(store_paths: list[str], client, query_path: str, bbox=None, params: S
     maps, image_hw, bbox = client.submit(query_maps, query_path, bbox, choice, cfg.max_size, pure=False).result()
     qv = query_vectors(maps, db.whitenings, params.L, image_hw, bbox)
     if params.rerank:
-        qv, = describe_at_scales(client, [qv], [query_path], choice, cfg.max_size, params.query_scales)
+        qv, = describe_at_scales(client, [qv], [query_path], choice, cfg.max_size, params.query_scales,
+                                 db.whitenings, params.L)
     extract_s = time.perf_counter() - t
     ranking = answer(db, client, qv, params, k=k)
     ranking.timings = {"extract_s": extract_s, **ranking.timings}

@@ -40,7 +40,8 @@ from rmac.workflows.args import existing_dir, existing_file, query_scales
 BINS = ((0.0, 0.1), (0.1, 0.2), (0.2, 0.3), (0.3, 1.01))
 # how the window is picked among the query scales -> the per-window key maximised (None: see _pick)
 RULES = {"scale 1": None, "best AML cosine": "cosine", "best re-ranking score": "rerank_score",
-         "best whitened cosine": "whitened_cosine", "best gain over whole map": "gain", "oracle": "iou"}
+         "best own-scale R-MAC score": "own_rmac_score", "best whitened cosine": "whitened_cosine",
+         "best gain over whole map": "gain", "oracle": "iou"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -67,7 +68,7 @@ def measure(views: str, store_path: str, scales: tuple[float, ...], weights: str
     from rmac.workflows.evaluate import localisation_pairs
     from rmac.workflows.extract import ModelChoice
     from rmac.workflows.index import load_whitenings, require_indexed
-    from rmac.workflows.search import (SearchParams, cell_geometry, query_maps, query_scale_macs, query_vectors,
+    from rmac.workflows.search import (SearchParams, cell_geometry, query_maps, query_scale_maps, query_vectors,
                                        rerank_scales, with_scales)
 
     if 1.0 not in scales:
@@ -93,7 +94,7 @@ def measure(views: str, store_path: str, scales: tuple[float, ...], weights: str
         path = str(ds.image_paths[q.image])
         maps, hw, bbox = query_maps(path, q.bbox, choice, cfg.max_size)
         qv = query_vectors(maps, w, 3, hw, bbox)
-        qvs[qi] = with_scales(qv, scales, *query_scale_macs(path, bbox, choice, cfg.max_size, scales))
+        qvs[qi] = with_scales(qv, scales, *query_scale_maps(path, bbox, choice, cfg.max_size, scales), w, 3)
     records = []
     for qi, row, true_box, is_self in pairs:
         qv = qvs[qi]
@@ -118,11 +119,12 @@ def measure(views: str, store_path: str, scales: tuple[float, ...], weights: str
                                  "gain": found.score - float(f_whole @ l2n(m)),
                                  "whitened_cosine": float(l2n(wh.apply(w.mac, f[None])[0]) @ wq),
                                  "rerank_score": localised_rmac(ii, found.box, qv.rmac, w.regional)[0],
+                                 "own_rmac_score": localised_rmac(ii, found.box, qv.scale_rmacs[j], w.regional)[0],
                                  "area_ratio": (px[2] - px[0]) * (px[3] - px[1]) / area}
             rec["per_scale"].append(entry)
         # the product's path on this map: `rerank_scales` with either pick rule
         sp = sparse_maps([qmap])
-        for pick in ("aml", "score"):
+        for pick in ("aml", "score", "own"):
             res = rerank_scales(sp, qv, w, SearchParams(scale_pick=pick), cfg.levels)
             px = box_to_pixels(res.boxes[0], map_hw, image_hw, geom)
             rec[f"aml_pick_{pick}"] = {"iou": iou(px, true_box), "scale": qv.scales[int(res.scale[0])],
@@ -166,7 +168,7 @@ def summarise(records: list[dict], scales: tuple[float, ...]) -> dict:
                 d[f"iou_{method}"] = _pct(v)
                 d[f"iou50_{method}"] = _pct(np.asarray(v) >= 0.5)
             g["rules"][rule] = d
-        g["product_path"] = {pick: _pct([r[f"aml_pick_{pick}"]["iou"] for r in recs]) for pick in ("aml", "score")}
+        g["product_path"] = {pick: _pct([r[f"aml_pick_{pick}"]["iou"] for r in recs]) for pick in ("aml", "score", "own")}
         for sc in scales:
             have = [p for r in recs for p in r["per_scale"] if p["scale"] == sc]
             g["per_scale"][str(sc)] = {m: _pct([p[m]["iou"] for p in have]) for m in ("aml", "exhaustive")}
@@ -194,6 +196,7 @@ def summarise(records: list[dict], scales: tuple[float, ...]) -> dict:
 
 
 _TAGS = {"scale 1": "s1", "best AML cosine": "best_aml", "best re-ranking score": "best_score",
+         "best own-scale R-MAC score": "best_own",
          "best whitened cosine": "best_white", "best gain over whole map": "best_gain", "oracle": "oracle"}
 
 
@@ -205,7 +208,7 @@ def print_report(res: dict) -> None:
         for rule, d in g["rules"].items():
             print(f"  {rule:<26} {d['iou_aml']:>8} {d['iou_exhaustive']:>10} {d['iou50_aml']:>10} {d['iou50_exhaustive']:>10}")
         pp = g["product_path"]
-        print(f"  rerank_scales (the product's path): AML IoU, pick aml {pp['aml']}, pick score {pp['score']}")
+        print(f"  rerank_scales (the product's path): AML IoU, pick aml {pp['aml']}, score {pp['score']}, own {pp['own']}")
         print("  fixed scale: " + "  ".join(f"{s}: AML {d['aml']} exh {d['exhaustive']}" for s, d in g["per_scale"].items()))
         print(f"  {'object area':<11} {'n':>3} {'whole>obj f~':>12} {'exact':>6} {'area x s1':>9} {'area x orc':>10}  "
               "IoU exhaustive / AML: " + " ".join(f"{t:>11}" for t in _TAGS.values()))
