@@ -182,7 +182,8 @@ def evaluate(dataset: str, client, choice: ModelChoice = ModelChoice(), max_size
         "timings": {k: round(v, 2) for k, v in timings.items()},
     }
     if any(q.boxes for q in ds.queries) and "rmac+aml" in methods:
-        out["localisation"] = localisation(ds, db, client, qvs, reranked.get("rmac", []), rows_of)
+        out["localisation"] = localisation(ds, db, client, qvs, reranked.get("rmac", []), rows_of, w_future,
+                                           SearchParams().scale_pick, L)
     return Evaluation(result=out, dataset=ds, db=db, rankings=per_method, queries=qvs)
 
 
@@ -200,14 +201,16 @@ def localisation_pairs(ds: Dataset, rows_of: dict) -> list[tuple[int, int, tuple
     return pairs
 
 
-def localisation(ds: Dataset, db: Database, client, qvs, reranked: list[dict], rows_of: dict) -> dict:
+def localisation(ds: Dataset, db: Database, client, qvs, reranked: list[dict], rows_of: dict, whitening=None,
+                 scale_pick: str = "aml", L: int = DEFAULT_L) -> dict:
     """Mean IoU with the true boxes of the AML box (from R-MAC re-ranking) and of the exhaustive optimum,
     over every (query, positive) pair with a known box (the paper's Section 8); reported apart for
     self-pastes (the query photo itself pasted, `rmac make-views --self-pastes`: the true box is exactly
     what the query shows) and for other positives, with the share of self-pastes at IoU >= 0.5.
-    With query scales, the exhaustive optimum is the best-scoring one over the scales."""
+    With query scales, the exhaustive optimum is each scale's, picked among the scales by the rule that
+    picks AML's window (`SearchParams.scale_pick`)."""
     pairs = localisation_pairs(ds, rows_of)
-    futures = [client.submit(localise_exhaustive, db.stores[0], row, qvs[i].localisation_macs(), pure=False)
+    futures = [client.submit(localise_exhaustive, db.stores[0], row, qvs[i], whitening, scale_pick, L, pure=False)
                for i, row, _, _ in pairs]
     groups: dict[str, dict[str, list[float]]] = {g: {"aml": [], "exhaustive": []} for g in ("all", "self", "other")}
     for (i, row, true_box, is_self), f in zip(pairs, futures):

@@ -409,13 +409,26 @@ def warm_workers(client) -> None:
         pass
 
 
-def localise_exhaustive(store: Store, row: int, q_mac: np.ndarray) -> tuple[float, float, float, float]:
-    """The exhaustive optimum window of ``q_mac`` in ``row``'s map, in image pixels (a Dask task).
-    With several query MACs (rows of a 2-D ``q_mac``: the query at several scales), the best-scoring
-    of their optima."""
+def localise_exhaustive(store: Store, row: int, qv: "QueryVectors | np.ndarray",
+                        whitening: "Whitenings | wh.Whitening | None" = None, scale_pick: str = "aml",
+                        L: int = 3) -> tuple[float, float, float, float]:
+    """The exhaustive optimum window of the query's MAC in ``row``'s map, in image pixels (a Dask
+    task). ``qv`` is the query (or its MAC alone). With query scales, each scale's optimum, and the one
+    kept by ``scale_pick`` as `rerank_scales` keeps AML's windows, with R-MAC scores ("score", "own":
+    they need ``whitening``)."""
+    from rmac.ops.rerank import localised_rmac
+
     (q, _), = store.read_maps([row])
     ii = integral_lut(q, store.config.levels)
-    best = max((exhaustive_search(ii, m) for m in np.atleast_2d(q_mac)), key=lambda r: r.score)
+    macs = qv.localisation_macs() if isinstance(qv, QueryVectors) else np.atleast_2d(qv)
+    found = [exhaustive_search(ii, m) for m in macs]
+    if len(found) == 1 or scale_pick == "aml":
+        best = max(found, key=lambda r: r.score)  # ties: the first scale
+    else:
+        w_regional = _pair(whitening)[0]
+        refs = qv.scale_rmacs if scale_pick == "own" else [qv.rmac] * len(found)
+        keys = [localised_rmac(ii, r.box, ref, w_regional, L)[0] for r, ref in zip(found, refs)]
+        best = found[int(np.argmax(keys))]
     image_hw = tuple(int(v) for v in store.arrays["image_hw"][row])
     return box_to_pixels(best.box, q.shape[1:], image_hw, cell_geometry(store, image_hw))
 
