@@ -65,8 +65,11 @@ class SearchParams:
     # scale that found it; "score" its re-ranking score (against the scale-1 query's R-MAC / whitened
     # MAC, the same for all scales); "own" its re-ranking vector against the R-MAC / whitened MAC of
     # the query at the scale that found it. The re-ranking score itself is always the "score" one.
+    # "score" measured best (`rmac bench localisation`, docs/benchmarks.md issue 8): the raw AML cosines
+    # of different scales are not comparable (a smaller query scores lower on its own object than the
+    # scale-1 query does on the whole scene), a common reference is.
     query_scales: tuple[float, ...] = (1.0,)
-    scale_pick: str = "aml"
+    scale_pick: str = "score"
 
 
 @dataclass

@@ -14,12 +14,15 @@ described at each of ``--scales`` (the photo resized by that factor before the b
   object, the objective itself prefers the larger window;
 - how a window is picked among the scales: ``scale 1`` (the paper), ``best AML cosine`` (each scale's
   window scored with its own query MAC: `scale_pick="aml"`), ``best re-ranking score`` (each window's
-  R-MAC against the scale-1 query R-MAC: `scale_pick="score"`), and the ``oracle`` (the scale whose
-  window has the best IoU: the bound on any rule).
+  R-MAC against the scale-1 query R-MAC: `scale_pick="score"`), ``best own-scale R-MAC score`` (each
+  window's R-MAC against the R-MAC of the query at the scale that found it: `scale_pick="own"`), two
+  probes (``best whitened cosine``: the window's `f~` and the scale's MAC both whitened with the MAC
+  whitening; ``best gain over whole map``: the window's AML cosine minus the whole map's, per scale),
+  and the ``oracle`` (the scale whose window has the best IoU: the bound on any rule).
 
-Results per object-area bin (share of the scene the true box covers). The AML columns of the two pick
-rules are computed by `rmac.workflows.search.rerank_scales`, the function `rmac search` and
-`rmac evaluate` run; the exhaustive ones by the same rule on `exhaustive_search`.
+Results per object-area bin (share of the scene the true box covers). The product's own path,
+`rmac.workflows.search.rerank_scales` (what `rmac search` and `rmac evaluate` run) is run on every map
+with each of its rules, as a check of the per-scale figures ("product_path").
 """
 from __future__ import annotations
 
@@ -50,6 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="its store, extracted and indexed (as `rmac evaluate VIEWS --store STORE` leaves it)")
     parser.add_argument("--scales", type=query_scales, default=(1.0, 0.71, 0.5, 0.35),
                         help="query scales compared (default 1,0.71,0.5,0.35; 1 must be one of them)")
+    parser.add_argument("--pairs", choices=("all", "self", "other"), default="all",
+                        help="which positives to measure: self-pastes, other positives, or all (default; the "
+                             "exhaustive search at every scale takes ~1-3 s per pair on 2 cores)")
     parser.add_argument("--weights", type=existing_file, help="weights file, for backbones without an offline package")
     parser.add_argument("--json", dest="json_out", help="also write the figures to this JSON file")
 
@@ -59,7 +65,8 @@ def _pct(v) -> float | None:
     return round(100 * float(np.mean(v)), 2) if v else None
 
 
-def measure(views: str, store_path: str, scales: tuple[float, ...], weights: str | None = None) -> dict:
+def measure(views: str, store_path: str, scales: tuple[float, ...], weights: str | None = None,
+            which: str = "all") -> dict:
     """Every pair's windows at every scale (see the module docstring); returns the per-pair records and
     the summary tables."""
     from rmac.storage.datasets import load_dataset
@@ -81,7 +88,7 @@ def measure(views: str, store_path: str, scales: tuple[float, ...], weights: str
         raise UsageError(f"{store_path} is not an indexed store of {views} ({e}): run "
                          f"`rmac evaluate {views} --store {store_path}` first") from None
     rows_of = {i: r for r, i in enumerate(st.ids) if i is not None}
-    pairs = localisation_pairs(ds, rows_of)
+    pairs = [p for p in localisation_pairs(ds, rows_of) if which == "all" or p[3] == (which == "self")]
     if not pairs:
         raise UsageError(f"{views} has no positive with an exact box in {store_path}: make it with "
                          "`rmac make-views SRC VIEWS --self-pastes N`")
@@ -219,7 +226,7 @@ def print_report(res: dict) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    res = measure(args.views, args.store, tuple(args.scales), args.weights)
+    res = measure(args.views, args.store, tuple(args.scales), args.weights, args.pairs)
     print_report(res)
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(res, indent=1))
