@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
-import sys
 import time
 from pathlib import Path
 
@@ -112,8 +111,7 @@ def distractor_spec(src: Store, count: int, seed: int, pattern: str, rows: np.nd
 def make_distractors(src_path: str, out_path: str, count: int, client, seed: int = DEFAULT_SEED,
                      pattern: str = "*", partition_size: int | None = None, progress: bool = True) -> dict:
     """Create (or resume) the distractor store ``out_path`` of ``count`` images; returns a summary."""
-    from distributed import as_completed
-    from tqdm import tqdm
+    from rmac.workflows.progress import wait_all
 
     if count < 1:
         raise StoreError(f"--count must be >= 1, got {count}")
@@ -140,14 +138,7 @@ def make_distractors(src_path: str, out_path: str, count: int, client, seed: int
     rows_f = client.scatter(rows, broadcast=True, hash=False)
     futures = [client.submit(synthesise_partition, src, out, p, rows_f, seed, key=f"distract-{tag}-{p}",
                              retries=2, pure=False) for p in pending]
-    with tqdm(total=len(futures), desc="distractors", unit="part", disable=not progress, file=sys.stderr) as bar:
-        try:
-            for f in as_completed(futures):
-                f.result()
-                bar.update(1)
-        except KeyboardInterrupt:
-            client.cancel(futures)
-            raise
+    wait_all(futures, "distractors", progress)
     seconds = time.perf_counter() - t0
     return {"store": str(out.path), "images": out.n_images, "partitions_run": len(pending),
             "seconds": round(seconds, 2), "source_rows": int(len(rows)),
