@@ -41,7 +41,9 @@ def source_rows(src: Store, pattern: str = "*") -> np.ndarray:
     rows = np.array([r for r, i in enumerate(src.ids) if ok[r] and fnmatch.fnmatchcase(i, pattern)],
                     dtype=np.int64)
     if len(rows) == 0:
-        raise StoreError(f"{src.path}: no extracted image matches --source-ids {pattern!r}")
+        example = next((i for r, i in enumerate(src.ids) if ok[r]), None)
+        hint = f" (its ids look like {example!r})" if example is not None else ""
+        raise StoreError(f"{src.path}: no extracted image matches --source-ids {pattern!r}{hint}")
     return rows
 
 
