@@ -131,24 +131,25 @@ def _localise_one(ii, qv, h, w, t, a_lo, a_hi, refine_step, passes, regions, reg
     x1, y1, x2, y2, sc, n = aml_kernel(ii, qv, h, w, t, a_lo, a_hi, refine_step, passes, d, bits, f)
     box[0], box[1], box[2], box[3] = x1, y1, x2 - x1, y2 - y1
     fill_vector(ii, x1, y1, x2, y2, d, bits, f)
-    nn = 0.0
-    for j in range(f.shape[0]):
-        nn += f[j] * f[j]
-    inv = 1.0 / math.sqrt(nn) if nn > 0.0 else 0.0
-    for j in range(f.shape[0]):
-        vec[chans[j]] = f[j] * inv
+    _scatter_unit(f, chans, vec)
     start, cnt = reg_start[y2 - y1, x2 - x1], reg_count[y2 - y1, x2 - x1]
     for r in range(cnt):
         rx, ry = x1 + regions[start + r, 0], y1 + regions[start + r, 1]
         fill_vector(ii, rx, ry, rx + regions[start + r, 2], ry + regions[start + r, 3], d, bits, f)
         reg[r, :] = 0.0
-        nn = 0.0
-        for j in range(f.shape[0]):
-            nn += f[j] * f[j]
-        inv = 1.0 / math.sqrt(nn) if nn > 0.0 else 0.0
-        for j in range(f.shape[0]):
-            reg[r, chans[j]] = f[j] * inv
+        _scatter_unit(f, chans, reg[r])
     return sc, n, cnt
+
+
+@njit(cache=True, nogil=True)
+def _scatter_unit(f, chans, out):
+    """`out[chans] = l2n(f)` (a zero `f` writes zeros)."""
+    nn = 0.0
+    for j in range(f.shape[0]):
+        nn += f[j] * f[j]
+    inv = 1.0 / math.sqrt(nn) if nn > 0.0 else 0.0
+    for j in range(f.shape[0]):
+        out[chans[j]] = f[j] * inv
 
 
 @njit(cache=True)
@@ -173,7 +174,7 @@ def _active_channels(kind, q, x, h, w, chans):
 @njit(cache=True, nogil=True)
 def _rerank_chunk(c, n_chunks, kind, maps_q, maps_f, hw, table, roots, alpha, qv, t, a_lo, a_hi,
                   refine_step, passes, regions, reg_start, reg_count, seg_rows, boxes, scores, n_scored, vecs, regs,
-                  reg_at, n_regs):
+                  n_regs):
     """Maps `c, c + n_chunks, ...` of the batch, one after the other in one thread's scratch.
 
     Channels with no response in a map are left out of its integral image: they add nothing to `f~`,
@@ -219,7 +220,6 @@ def _rerank_chunk(c, n_chunks, kind, maps_q, maps_f, hw, table, roots, alpha, qv
                                   regs[at:at + most])
         scores[i] = sc
         n_scored[i] = n
-        reg_at[i] = at
         n_regs[i] = nr
         at += nr
 
@@ -274,12 +274,12 @@ def _path_args(stacked: np.ndarray, levels: int, alpha: int) -> tuple:
 @njit(cache=True, nogil=True)
 def _rerank_chunk_sparse(c, n_chunks, sel, map_hw, chan_start, chans, cell_start, cell_nnz, nz_start, nz_chan,
                          nz_level, table, roots, no_f, no_i, qv, t, a_lo, a_hi, refine_step, passes, regions,
-                         reg_start, reg_count, max_cells, seg_rows, boxes, scores, n_scored, vecs, regs, reg_at,
-                         n_regs):
+                         reg_start, reg_count, max_cells, seg_rows, boxes, scores, n_scored, vecs, regs, n_regs):
     """Maps `sel[c], sel[c + n_chunks], ...` of sparse maps, one after the other in one thread's scratch;
-    output `o` is map `sel[o]`; its regions' unit vectors are the rows `reg_at[o]:reg_at[o] + n_regs[o]`
-    of `regs`, in this thread's segment (from row `c * seg_rows`). The integral image covers the map's valid cells and its active channels
-    only, built from the non-zeros in one pass (`integral.integral_lut_sparse_into`)."""
+    output `o` is map `sel[o]`. The maps' regional unit vectors follow each other in `regs` from row
+    `c * seg_rows` (this thread's segment), `n_regs[o]` rows each. The integral image covers the map's
+    valid cells and its active channels only, built from the non-zeros in one pass
+    (`integral.integral_lut_sparse_into`)."""
     N = sel.shape[0]
     K = qv.shape[0]
     flat = np.empty(max_cells, dtype=np.int64)
@@ -309,7 +309,6 @@ def _rerank_chunk_sparse(c, n_chunks, sel, map_hw, chan_start, chans, cell_start
                                   reg_count, d[:C], bits[:C], f[:C], ch[:C], boxes[o], vecs[o], regs[at:at + most])
         scores[o] = sc
         n_scored[o] = n
-        reg_at[o] = at
         n_regs[o] = nr
         at += nr
 
@@ -340,7 +339,6 @@ def _run_blocks(N, K, Hm, Wm, qv, q_rmac, whitening, L, query_aspect, s, n_threa
     n_scored = np.zeros(N, dtype=np.int64)
     vecs = np.zeros((N, K), dtype=np.float32)
     n_regs = np.zeros(N, dtype=np.int64)
-    reg_at = np.zeros(N, dtype=np.int64)
     block = min(int(block), N)
     n_chunks = max(1, min(block, int(n_threads) if n_threads is not None else numba.get_num_threads()))
     # Each thread writes its maps' unit regional vectors one after the other in its own segment of
@@ -355,7 +353,7 @@ def _run_blocks(N, K, Hm, Wm, qv, q_rmac, whitening, L, query_aspect, s, n_threa
         for b0 in range(0, N, block):
             b = slice(b0, min(N, b0 + block))
             nb = b.stop - b0
-            outs = (seg_rows, boxes[b], scores[b], n_scored[b], vecs[b], regs, reg_at[b], n_regs[b])
+            outs = (seg_rows, boxes[b], scores[b], n_scored[b], vecs[b], regs, n_regs[b])
             if pool is None:
                 chunk(0, 1, b, tables, *outs)
             else:

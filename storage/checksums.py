@@ -80,18 +80,24 @@ def chunk_files(array: zarr.Array, root: Path, start: int, stop: int) -> list[Pa
 def missing_chunks(group_path: Path, start: int, stop: int, names: Iterable[str] | None = None,
                    exclude: Iterable[str] = (), n_rows: int | None = None) -> list[str]:
     """``array/key`` of each chunk file covering rows ``[start, stop)`` that does not exist."""
+    return missing_chunks_in(group_path, [(start, stop)], names, exclude, n_rows)
+
+
+def missing_chunks_in(group_path: Path, ranges: Iterable[tuple[int, int]], names: Iterable[str] | None = None,
+                      exclude: Iterable[str] = (), n_rows: int | None = None) -> list[str]:
+    """`missing_chunks` of several row ranges ``(start, stop)``, the group's layout looked up once."""
     skip = set(exclude)
     pick = set(names) if names is not None else None
     out = []
-    for name, shape, grid, enc in _layout(Path(group_path)):
-        if name in skip or (pick is not None and name not in pick):
-            continue
-        if not shape or (n_rows is not None and shape[0] != n_rows):
-            continue
-        root = os.path.join(group_path, name)
-        for key in _chunk_keys(shape, grid, enc, start, min(stop, shape[0])):
-            if not os.path.isfile(os.path.join(root, key)):
-                out.append(f"{name}/{key}")
+    layout = [(name, shape, grid, enc) for name, shape, grid, enc in _layout(Path(group_path))
+              if name not in skip and (pick is None or name in pick) and shape
+              and (n_rows is None or shape[0] == n_rows)]
+    for start, stop in ranges:
+        for name, shape, grid, enc in layout:
+            root = os.path.join(group_path, name)
+            for key in _chunk_keys(shape, grid, enc, start, min(stop, shape[0])):
+                if not os.path.isfile(os.path.join(root, key)):
+                    out.append(f"{name}/{key}")
     return out
 
 

@@ -125,7 +125,7 @@ def encode_maps(maps: Sequence[np.ndarray | None], channels: int | None = None) 
 
 
 @njit(cache=True)
-def _decode(codes, gap_start, val_start, nnz, map_hw, K, cell_start, nz_start, chan_buf, n_chan, cell_nnz,
+def _decode(codes, gap_start, gap_end, val_start, nnz, map_hw, K, cell_start, nz_start, chan_buf, n_chan, cell_nnz,
             nz_chan, nz_level, cursor, nz_cell, nz_j):
     """Fill the SparseMaps arrays of a partition (see `decode_partition`); returns the index of the first
     map whose codes do not fit its size (-1: all good). One pass over the varints notes each non-zero's
@@ -138,7 +138,7 @@ def _decode(codes, gap_start, val_start, nnz, map_hw, K, cell_start, nz_start, c
         for c in range(cells):
             cell_nnz[cs + c] = 0
         p = gap_start[i]
-        end = gap_start[i + 1]
+        end = gap_end[i]
         pos = -1
         k = -1
         base = -cells  # first flat index of channel k
@@ -189,8 +189,10 @@ def _decode(codes, gap_start, val_start, nnz, map_hw, K, cell_start, nz_start, c
     return -1
 
 
-def decode_partition(codes: np.ndarray, attrs: dict) -> SparseMaps:
-    """`SparseMaps` of every image of a partition from its buffer and attributes (`encode_maps`)."""
+def decode_partition(codes: np.ndarray, attrs: dict, select: np.ndarray | None = None) -> SparseMaps:
+    """`SparseMaps` of every image of a partition from its buffer and attributes (`encode_maps`), or of
+    the images ``select`` only, in that order (each image's codes stand apart: a query that needs one map
+    of a partition decodes one)."""
     hw = np.asarray(attrs["map_hw"], dtype=np.int64).reshape(-1, 2)
     nnz = np.asarray(attrs["nnz"], dtype=np.int64)
     gb = np.asarray(attrs["gap_bytes"], dtype=np.int64)
@@ -198,11 +200,20 @@ def decode_partition(codes: np.ndarray, attrs: dict) -> SparseMaps:
     n = len(hw)
     codes = np.ascontiguousarray(codes[: int(attrs["length"])], dtype=np.uint8)
     gap_start = np.concatenate([[0], np.cumsum(gb)]).astype(np.int64)
-    nz_start = np.concatenate([[0], np.cumsum(nnz)]).astype(np.int64)
-    if len(nnz) != n or len(gb) != n or gap_start[-1] + nz_start[-1] != len(codes):
+    all_nz = np.concatenate([[0], np.cumsum(nnz)]).astype(np.int64)
+    if len(nnz) != n or len(gb) != n or gap_start[-1] + all_nz[-1] != len(codes):
         raise CorruptMaps(f"map codes of {len(codes)} bytes do not match their index "
-                          f"({gap_start[-1]} + {nz_start[-1]} bytes)")
-    val_start = gap_start[-1] + nz_start[:-1]
+                          f"({gap_start[-1]} + {all_nz[-1]} bytes)")
+    val_start = gap_start[-1] + all_nz[:-1]
+    gap_end = gap_start[1:]
+    if select is not None:
+        select = np.asarray(select, dtype=np.int64).reshape(-1)
+        if (select < 0).any() or (select >= n).any():
+            raise ValueError(f"select must index the partition's {n} images")
+        hw, nnz, gap_start, gap_end, val_start = hw[select], nnz[select], gap_start[select], gap_end[select], \
+            val_start[select]
+        n = len(select)
+    nz_start = np.concatenate([[0], np.cumsum(nnz)]).astype(np.int64)
     cells = hw[:, 0] * hw[:, 1]
     cell_start = np.concatenate([[0], np.cumsum(cells)]).astype(np.int64)
     chan_buf = np.empty(n * K, np.int32)
@@ -212,10 +223,11 @@ def decode_partition(codes: np.ndarray, attrs: dict) -> SparseMaps:
     nz_level = np.empty(nz_start[-1], np.uint8)
     cursor = np.empty(int(cells.max(initial=0)), np.int64)
     most = int(nnz.max(initial=0))
-    bad = _decode(codes, gap_start, val_start, nnz, hw, K, cell_start, nz_start, chan_buf, n_chan, cell_nnz,
+    bad = _decode(codes, gap_start, gap_end, val_start, nnz, hw, K, cell_start, nz_start, chan_buf, n_chan, cell_nnz,
                   nz_chan, nz_level, cursor, np.empty(most, np.int64), np.empty(most, np.int32))
     if bad >= 0:
-        raise CorruptMaps(f"map codes of image {bad} of the partition do not decode to its {hw[bad]} map")
+        which = bad if select is None else int(select[bad])
+        raise CorruptMaps(f"map codes of image {which} of the partition do not decode to its {hw[bad]} map")
     chan_start = np.concatenate([[0], np.cumsum(n_chan)]).astype(np.int64)
     chans = np.concatenate([chan_buf[i * K:i * K + n_chan[i]] for i in range(n)]) if n else np.zeros(0, np.int32)
     return SparseMaps(K, hw, chan_start, chans, cell_start, cell_nnz, nz_start, nz_chan, nz_level)
@@ -248,18 +260,22 @@ def partition_path(arrays_path: str | os.PathLike, p: int) -> Path:
     return Path(arrays_path) / "maps" / partition_name(p)
 
 
-def read_partition(arrays_path: str | os.PathLike, p: int) -> PartitionMaps:
-    """Read and decode every map of partition ``p``: its metadata and its one chunk file."""
-    path = partition_path(arrays_path, p)
+def read_partition(arrays_path: str | os.PathLike, p: int, select: np.ndarray | None = None) -> PartitionMaps:
+    """Read and decode every map of partition ``p`` (or the maps ``select``, in that order): its metadata
+    and its one chunk file."""
+    path = os.path.join(arrays_path, "maps", partition_name(p))  # strings: a query reads ~1000 of these
     try:
-        meta = json.loads((path / "zarr.json").read_bytes())
+        with open(os.path.join(path, "zarr.json"), "rb") as f:
+            meta = json.loads(f.read())
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no stored maps for partition {p}") from None
     attrs = meta["attributes"]
-    if attrs["length"] and not chunk_file(arrays_path, p).is_file():  # Zarr would read zeros
-        raise FileNotFoundError(f"{chunk_file(arrays_path, p)}: the codes of partition {p} are missing")
-    codes = _read_codes(path, meta) if attrs["length"] else np.zeros(0, np.uint8)
-    return PartitionMaps(decode_partition(codes, attrs), np.asarray(attrs["image_hw"], np.int64).reshape(-1, 2))
+    chunk = os.path.join(path, "c", "0")
+    if attrs["length"] and not os.path.isfile(chunk):  # Zarr would read zeros
+        raise FileNotFoundError(f"{chunk}: the codes of partition {p} are missing")
+    codes = _read_codes(Path(path), meta) if attrs["length"] else np.zeros(0, np.uint8)
+    image_hw = np.asarray(attrs["image_hw"], np.int64).reshape(-1, 2)
+    return PartitionMaps(decode_partition(codes, attrs, select), image_hw if select is None else image_hw[select])
 
 
 def _read_codes(path: Path, meta: dict) -> np.ndarray:
@@ -269,7 +285,8 @@ def _read_codes(path: Path, meta: dict) -> np.ndarray:
     re-ranking reads ~70 partitions. Any other layout goes through Zarr."""
     codecs = [c.get("name") for c in meta.get("codecs", [])]
     if codecs == ["bytes", "zstd"] and meta["chunk_grid"]["configuration"]["chunk_shape"] == meta["shape"]:
-        raw = np.frombuffer(_ZSTD.decode((path / "c" / "0").read_bytes()), np.uint8)
+        with open(os.path.join(path, "c", "0"), "rb") as f:
+            raw = np.frombuffer(_ZSTD.decode(f.read()), np.uint8)
         if raw.size != meta["shape"][0]:
             raise CorruptMaps(f"{path}: {raw.size} bytes of codes where its metadata says {meta['shape'][0]}")
         return raw
@@ -319,13 +336,26 @@ class PartitionCache:
     def nbytes(self) -> int:
         return self._bytes
 
-    def get(self, arrays_path: str | os.PathLike, p: int) -> PartitionMaps:
+    @staticmethod
+    def _key(arrays_path: str | os.PathLike, p: int) -> tuple:
         path = partition_path(arrays_path, p)
         try:
             st = os.stat(path / "zarr.json")
         except FileNotFoundError:
             raise FileNotFoundError(f"{path}: no stored maps for partition {p}") from None
-        key = (str(Path(arrays_path).resolve()), p, st.st_ino, st.st_size, st.st_mtime_ns)
+        return (str(Path(arrays_path).resolve()), p, st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def holds(self, arrays_path: str | os.PathLike, p: int) -> bool:
+        """Whether partition ``p`` is cached (as it is on disk now)."""
+        try:
+            key = self._key(arrays_path, p)
+        except FileNotFoundError:
+            return False
+        with self._lock:
+            return key in self._items
+
+    def get(self, arrays_path: str | os.PathLike, p: int) -> PartitionMaps:
+        key = self._key(arrays_path, p)
         with self._lock:
             hit = self._items.get(key)
             if hit is not None:

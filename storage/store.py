@@ -472,6 +472,12 @@ class Store:
         """Chunk files of rows ``[start, stop)`` that should exist and do not (see storage/checksums.py)."""
         return checksums.missing_chunks(self.path / "arrays", start, stop, names, exclude, self.n_images)
 
+    def missing_partition_chunks(self, partitions: Iterable[int]) -> list[str]:
+        """`missing_chunks` of whole partitions, the arrays' layout looked up once (a query's short-list
+        touches up to one partition per row)."""
+        ranges = [(r.start, r.stop) for r in map(self.partition_rows, partitions)]
+        return checksums.missing_chunks_in(self.path / "arrays", ranges, None, INDEX_ARRAYS, self.n_images)
+
     def require_chunks(self, start: int, stop: int, names: Iterable[str] | None = None,
                        exclude: Iterable[str] = INDEX_ARRAYS) -> None:
         """Refuse to read rows whose data files are gone (Zarr would read them as zeros)."""
@@ -526,11 +532,15 @@ class Store:
         return [(decoded[p].dense(r - first[p]), float(scale[r - lo]))
                 for r, p in ((r, self.partition_of(r)) for r in rows)]
 
-    def read_sparse(self, p: int, cache: "_maps.PartitionCache | None" = None) -> _maps.PartitionMaps:
+    def read_sparse(self, p: int, cache: "_maps.PartitionCache | None" = None,
+                    select: np.ndarray | None = None) -> _maps.PartitionMaps:
         """Every map of partition ``p`` as `SparseMaps` (map ``i`` is row ``partition_rows(p)[i]``; a
         failed row is 0 x 0) with the images' pixel sizes, read in one go and decoded straight into the
-        kernel's form; through ``cache`` if given."""
+        kernel's form; through ``cache`` if given. ``select``: only these maps (offsets in the partition),
+        in that order, decoded alone (not cached)."""
         try:
+            if select is not None:
+                return _maps.read_partition(self.path / "arrays", p, select)
             if cache is not None:
                 return cache.get(self.path / "arrays", p)
             return _maps.read_partition(self.path / "arrays", p)

@@ -175,9 +175,10 @@ def test_same_seed_same_bytes_other_seed_differs_and_resume(client, dev_store, d
 def test_bad_source_selection_is_one_clear_error(client, dev_store, tmp_path):
     from rmac.workflows.distractors import make_distractors
 
-    with pytest.raises(StoreError, match="no extracted image matches"):
+    with pytest.raises(StoreError, match="no extracted image matches") as e:
         make_distractors(str(dev_store.path), str(tmp_path / "x"), 10, client, pattern="nothing_*",
                          progress=False)
+    assert "ids look like" in str(e.value)  # says what a pattern should match
     with pytest.raises(StoreError, match="--count"):
         make_distractors(str(dev_store.path), str(tmp_path / "y"), 0, client, progress=False)
 

@@ -189,3 +189,13 @@ def test_bench_table1_takes_stored_uint8_maps_as_it_quantises_float_ones():
         assert (ra["iou"], ra["pct_windows"], ra["mean_score_gap"]) == (rb["iou"], rb["pct_windows"], rb["mean_score_gap"])
     x = maps[0]
     np.testing.assert_array_equal(region_cosines(x, path="lut"), region_cosines(x, path="lut", q=quantise(x)[0]))
+
+
+def test_report_is_written_again_from_its_json(paper_run, tmp_path):
+    """`load_results` + `write_report` give the same report from results.json alone (nothing re-run)."""
+    from rmac.workflows.paper.report import load_results, write_report
+
+    s, _ = paper_run
+    out = Path(s.out)
+    again = write_report(load_results(out / "results.json"), tmp_path / "again")
+    assert again.read_text() == (out / "report.md").read_text()

@@ -53,6 +53,11 @@ def test_codec_round_trip_and_decoded_form_equals_dense_conversion(args):
         if m is not None:  # active channels: exactly those with a response, ascending
             chans = sp.chans[sp.chan_start[i]:sp.chan_start[i + 1]]
             assert chans.tolist() == np.flatnonzero(m.reshape(K, -1).any(axis=1)).tolist()
+    sel = np.random.default_rng(args[0]).permutation(len(maps))[: max(1, len(maps) // 2)]
+    some = M.decode_partition(buf, attrs, sel)  # a few maps alone, in the order asked
+    assert some.n_maps == len(sel)
+    for j, i in enumerate(sel):
+        assert np.array_equal(some.dense(j), sp.dense(int(i)))
 
 
 def test_codec_long_gaps_and_corrupt_codes():
@@ -224,3 +229,14 @@ def test_rerank_rows_reads_partitions_once_and_matches_the_kernel_on_dense_maps(
                 np.testing.assert_allclose(got["vectors"], l2n(wh.apply(w, ref.vectors)), rtol=0, atol=1e-6)
         c = S.worker_map_cache()
         assert c.misses == 3 and c.hits == 3  # three partitions, read once, then served from the cache
+
+    # one map per partition (a short-list spread over a large store): only those maps are decoded, and
+    # nothing is cached; the results are the kernel's all the same
+    S.worker_map_cache().clear()
+    few = [9, 0, 5]
+    (got,) = S.rerank_rows(store, [(qv, few)], w, S.SearchParams(filter="rmac"), cache=True)
+    ref = R.rerank([maps[r] for r in few], qv.mac, qv.aspect, q_rmac=qv.rmac, whitening=w)
+    np.testing.assert_allclose(got["scores"], ref.scores, rtol=0, atol=1e-6)
+    assert got["boxes"] == [box_to_pixels(ref.boxes[i], hw[r], ihw[r], S.cell_geometry(store, ihw[r]))
+                            for i, r in enumerate(few)]
+    assert len(S.worker_map_cache()) == 0 and S.worker_map_cache().misses == 0

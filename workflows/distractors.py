@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
-import sys
 import time
 from pathlib import Path
 
@@ -42,7 +41,9 @@ def source_rows(src: Store, pattern: str = "*") -> np.ndarray:
     rows = np.array([r for r, i in enumerate(src.ids) if ok[r] and fnmatch.fnmatchcase(i, pattern)],
                     dtype=np.int64)
     if len(rows) == 0:
-        raise StoreError(f"{src.path}: no extracted image matches --source-ids {pattern!r}")
+        example = next((i for r, i in enumerate(src.ids) if ok[r]), None)
+        hint = f" (its ids look like {example!r})" if example is not None else ""
+        raise StoreError(f"{src.path}: no extracted image matches --source-ids {pattern!r}{hint}")
     return rows
 
 
@@ -112,8 +113,7 @@ def distractor_spec(src: Store, count: int, seed: int, pattern: str, rows: np.nd
 def make_distractors(src_path: str, out_path: str, count: int, client, seed: int = DEFAULT_SEED,
                      pattern: str = "*", partition_size: int | None = None, progress: bool = True) -> dict:
     """Create (or resume) the distractor store ``out_path`` of ``count`` images; returns a summary."""
-    from distributed import as_completed
-    from tqdm import tqdm
+    from rmac.workflows.progress import wait_all
 
     if count < 1:
         raise StoreError(f"--count must be >= 1, got {count}")
@@ -140,14 +140,7 @@ def make_distractors(src_path: str, out_path: str, count: int, client, seed: int
     rows_f = client.scatter(rows, broadcast=True, hash=False)
     futures = [client.submit(synthesise_partition, src, out, p, rows_f, seed, key=f"distract-{tag}-{p}",
                              retries=2, pure=False) for p in pending]
-    with tqdm(total=len(futures), desc="distractors", unit="part", disable=not progress, file=sys.stderr) as bar:
-        try:
-            for f in as_completed(futures):
-                f.result()
-                bar.update(1)
-        except KeyboardInterrupt:
-            client.cancel(futures)
-            raise
+    wait_all(futures, "distractors", progress)
     seconds = time.perf_counter() - t0
     return {"store": str(out.path), "images": out.n_images, "partitions_run": len(pending),
             "seconds": round(seconds, 2), "source_rows": int(len(rows)),

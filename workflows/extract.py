@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -272,24 +271,14 @@ def plan_growth(store: Store, items: list[tuple[str, str]]) -> dict:
 
 def run_partitions(store: Store, client, choice: ModelChoice, progress: bool = True, device: str = "cpu") -> dict:
     """Submit every pending partition of ``store``, wait, and summarise the whole store."""
-    from distributed import as_completed
-    from tqdm import tqdm
+    from rmac.workflows.progress import wait_all
 
     t0 = time.perf_counter()
     pending = store.pending_partitions()
     tag = tokenize(str(store.path.resolve()))  # two stores named alike on one scheduler must not clash
     futures = [client.submit(extract_partition, store, p, choice, device, key=f"extract-{tag}-{p}",
                              retries=2, pure=False) for p in pending]
-    bar = tqdm(total=len(futures), desc="extract", unit="part", disable=not progress, file=sys.stderr)
-    try:
-        for fut in as_completed(futures):
-            fut.result()
-            bar.update(1)
-    except KeyboardInterrupt:
-        client.cancel(futures)
-        raise
-    finally:
-        bar.close()
+    wait_all(futures, "extract", progress)
     return summarise(store, time.perf_counter() - t0, newly=len(pending))
 
 

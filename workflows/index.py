@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from functools import reduce
 from typing import NamedTuple
@@ -29,6 +28,7 @@ from rmac.ops.regions import rmac_regions
 from rmac.storage import checksums, ids as id_tables
 from rmac.storage.index import shard_file
 from rmac.storage.store import Store, StoreError, _write_json_atomic
+from rmac.workflows.progress import wait_all
 
 DEFAULT_L = 3
 DEFAULT_DIM: int | None = None  # the paper keeps D = K; `--dim` reduces (measured cost in --help)
@@ -264,7 +264,7 @@ def _build_index(store, client, whiten_on, L, dim, shard_rows, index_kind, white
     w_future = client.scatter(w, broadcast=True, hash=False)
     futures = [client.submit(partition_vectors, store, p, w_future, L, wid, pure=False, retries=2)
                for p in redo]
-    _wait(futures, "vectors", progress)
+    wait_all(futures, "vectors", progress)
     timings["vectors_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -374,16 +374,6 @@ def finish_commit(store: Store) -> None:
             import shutil
 
             shutil.rmtree(f, ignore_errors=True)
-
-
-def _wait(futures, desc: str, progress: bool) -> None:
-    from distributed import as_completed
-    from tqdm import tqdm
-
-    with tqdm(total=len(futures), desc=desc, unit="part", disable=not progress, file=sys.stderr) as bar:
-        for f in as_completed(futures):
-            f.result()
-            bar.update(1)
 
 
 def load_whitening(store: Store, kind: str = "regional") -> wh.Whitening:

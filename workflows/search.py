@@ -278,24 +278,35 @@ def rerank_rows(store: Store, jobs: list[tuple[QueryVectors, list[int]]],
                 whitening: Whitenings | wh.Whitening, params: SearchParams, cache: bool = True) -> list[dict]:
     """AML re-ranking of rows of one store (a Dask task): for each (query, rows) job, the rows' scores,
     pixel boxes and localised vectors, in the order of its rows. Each partition the jobs touch is read
-    and decoded once (or found in this worker's cache)."""
+    once: decoded whole and kept in this worker's cache when more than a quarter of its maps are needed (or
+    it is cached already), otherwise only the needed maps are decoded (a short-list spread over a large
+    store needs about one map per partition)."""
     c = worker_map_cache() if cache else None
     part_of = {r: store.partition_of(r) for _, rows in jobs for r in rows}
-    for p in sorted(set(part_of.values())):  # stat calls only: a deleted data file means damage
-        r = store.partition_rows(p)
-        missing = store.missing_chunks(r.start, r.stop)
-        if missing:
-            raise StoreError(f"{store.path}: data missing ({', '.join(missing[:5])}): the store is damaged; "
-                             f"run `rmac verify {store.path}`")
-    parts = {p: store.read_sparse(p, c) for p in sorted(set(part_of.values()))}
-    first = {p: store.partition_rows(p).start for p in parts}
+    missing = store.missing_partition_chunks(sorted(set(part_of.values())))  # stat calls only
+    if missing:  # a deleted data file means damage
+        raise StoreError(f"{store.path}: data missing ({', '.join(missing[:5])}): the store is damaged; "
+                         f"run `rmac verify {store.path}`")
+    first = {p: store.partition_rows(p).start for p in set(part_of.values())}
+    needed: dict[int, set[int]] = defaultdict(set)
+    for r, p in part_of.items():
+        needed[p].add(r - first[p])
+    parts, at = {}, {}  # at[p]: offset in the partition -> position in parts[p] (None: the whole partition)
+    for p, local in sorted(needed.items()):
+        if c is not None and (4 * len(local) > store.config.partition_size or c.holds(store.path / "arrays", p)):
+            parts[p], at[p] = store.read_sparse(p, c), None  # whole, and kept for the next queries
+        else:  # a few maps of a partition (a short-list spread over a large store): decode only those
+            sel = np.array(sorted(local), dtype=np.int64)
+            parts[p], at[p] = store.read_sparse(p, select=sel), {int(o): k for k, o in enumerate(sel)}
     out = []
     for qv, rows in jobs:
         rows = [int(r) for r in rows]
         order = sorted(range(len(rows)), key=lambda i: part_of[rows[i]])  # partition by partition
         by_part: dict[int, list[int]] = defaultdict(list)
         for i in order:
-            by_part[part_of[rows[i]]].append(rows[i] - first[part_of[rows[i]]])
+            p = part_of[rows[i]]
+            o = rows[i] - first[p]
+            by_part[p].append(o if at[p] is None else at[p][o])
         sp = take_maps([(parts[p].maps, np.asarray(local)) for p, local in by_part.items()])
         image_hw = np.concatenate([parts[p].image_hw[local] for p, local in by_part.items()])
         res = rerank_scales(sp, qv, whitening, params, store.config.levels)

@@ -3,8 +3,9 @@
 Two comparisons, side by side:
 * **whole command**: `rmac extract LIST --store TMP --workers N` run as a user runs it (a new process:
   imports, LocalCluster start, model loads, extraction, store writes, cluster shutdown), wall clock, against
-  the plain loop's own seconds (the loop only, as the issue's goal states it) and against the plain script
-  as a whole (its imports and model load included);
+  the plain loop's own seconds (the loop only, as the issue's goal states it: torch's defaults), against the
+  plain script as a whole (its imports and model load included), and against the plain loop given the
+  command's channels-last memory format (the command's own overhead alone);
 * **steady** (``--steady``): the Dask extraction on an already started cluster with warm models, against the
   plain loop: throughput without start-up.
 The plain loop runs in its own process (`python -m rmac.workflows.bench.extract --plain ...`), so that it
@@ -34,9 +35,14 @@ def plain_loop(items: list[tuple[str, str]], backbone: str, max_size: int, rando
     return plain_script(items, backbone, max_size, random_weights)["loop_s"]
 
 
-def plain_script(items: list[tuple[str, str]], backbone: str, max_size: int, random_weights: bool) -> dict:
+def plain_script(items: list[tuple[str, str]], backbone: str, max_size: int, random_weights: bool,
+                 channels_last: bool = False) -> dict:
     """The plain loop with its start-up: seconds to import torch and the backbone code, to load the model
-    (one warm-up image included, like a worker's first image), and for the loop over ``items``."""
+    (one warm-up image included, like a worker's first image), and for the loop over ``items``.
+
+    Plain means torch's defaults: the model in torch's default (contiguous) memory format, as a user's
+    own loop would have it; ``channels_last`` gives it the channels-last format `rmac extract` uses, so
+    that the comparison isolates the command's own overhead."""
     t = time.perf_counter()
     from rmac.ops.backbones import activations
     from rmac.ops.pooling import mac
@@ -45,7 +51,11 @@ def plain_script(items: list[tuple[str, str]], backbone: str, max_size: int, ran
 
     import_s = time.perf_counter() - t
     t = time.perf_counter()
+    import torch
+
     model, spec = load_backbone(backbone, random_weights=random_weights)
+    if not channels_last:
+        model = model.to(memory_format=torch.contiguous_format)
     activations(model, spec, load_image(items[0][1]), max_size=max_size)  # warm-up, like the workers'
     model_s = time.perf_counter() - t
     t = time.perf_counter()
@@ -64,10 +74,12 @@ def _images(n_images: int | None) -> list[tuple[str, str]]:
     return items[:n_images] if n_images else items
 
 
-def _run_plain(list_file: Path, backbone: str, max_size: int, random_weights: bool) -> dict:
+def _run_plain(list_file: Path, backbone: str, max_size: int, random_weights: bool,
+               channels_last: bool = False) -> dict:
     """The plain script in a fresh process; its phases, and its wall clock from process start."""
     cmd = [sys.executable, "-m", "rmac.workflows.bench.extract", "--plain", str(list_file), "--backbone", backbone,
-           "--max-size", str(max_size)] + (["--random-weights"] if random_weights else [])
+           "--max-size", str(max_size)] + (["--random-weights"] if random_weights else []) \
+        + (["--channels-last"] if channels_last else [])
     t = time.perf_counter()
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     res = json.loads(out.stdout.strip().splitlines()[-1])
@@ -92,17 +104,20 @@ def _run_command(list_file: Path, store: Path, backbone: str, max_size: int, wor
 
 def bench_extract(n_images: int | None = None, backbone: str = "efficientnet-lite0", max_size: int = 1024,
                   workers: int | None = None, random_weights: bool = False, repeat: int = 1,
-                  steady: bool = False) -> dict:
+                  steady: bool = False, channels_last: bool = True) -> dict:
     """The whole `rmac extract` command (and, with ``steady``, the warm Dask extraction) against the
-    plain torch loop over the same photos; medians over ``repeat`` alternating runs."""
+    plain torch loop over the same photos, and (``channels_last``) against the plain loop given the
+    command's channels-last format; medians over ``repeat`` alternating runs."""
     items = _images(n_images)
     tmp = Path(tempfile.mkdtemp(prefix="rmac-bench-"))
     try:
         list_file = tmp / "images.txt"
         list_file.write_text("".join(f"{p}\n" for _, p in items))
-        plain, command = [], []
+        plain, command, plain_cl = [], [], []
         for r in range(repeat):  # alternate, so that a change of load hits both alike
             plain.append(_run_plain(list_file, backbone, max_size, random_weights))
+            if channels_last:
+                plain_cl.append(_run_plain(list_file, backbone, max_size, random_weights, channels_last=True))
             command.append(_run_command(list_file, tmp / f"store-{r}", backbone, max_size, workers, random_weights))
             shutil.rmtree(tmp / f"store-{r}", ignore_errors=True)
         n = len(items)
@@ -120,6 +135,11 @@ def bench_extract(n_images: int | None = None, backbone: str = "efficientnet-lit
                "ratio_command_over_plain_process": round(plain_whole_s / command_s, 3),
                "runs": {"plain_loop_s": [round(p["loop_s"], 2) for p in plain],
                         "command_s": [round(c, 2) for c in command]}}
+        if plain_cl:
+            cl_s = statistics.median(p["loop_s"] for p in plain_cl)
+            out.update({"plain_channels_last_loop_s": round(cl_s, 2),
+                        "ratio_command_over_plain_channels_last_loop": round(cl_s / command_s, 3)})
+            out["runs"]["plain_channels_last_loop_s"] = [round(p["loop_s"], 2) for p in plain_cl]
         if steady:
             out.update(_steady(items, tmp, backbone, max_size, workers, random_weights, loop_s))
         return out
@@ -151,11 +171,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--random-weights", action="store_true")
     p.add_argument("--repeat", type=positive_int, default=1, help="alternating runs of each; medians (default 1)")
     p.add_argument("--steady", action="store_true", help="also the warm Dask extraction on a started cluster")
+    p.add_argument("--no-channels-last-loop", dest="channels_last", action="store_false",
+                   help="skip the plain loop given the command's channels-last format (the overhead-only ratio)")
 
 
 def run(args: argparse.Namespace) -> dict:
     return bench_extract(args.images, args.backbone, args.max_size, args.workers, args.random_weights,
-                         args.repeat, args.steady)
+                         args.repeat, args.steady, args.channels_last)
 
 
 if __name__ == "__main__":  # the plain script, run in its own process by `_run_plain`
@@ -164,6 +186,8 @@ if __name__ == "__main__":  # the plain script, run in its own process by `_run_
     ap.add_argument("--backbone", default="efficientnet-lite0")
     ap.add_argument("--max-size", type=int, default=1024)
     ap.add_argument("--random-weights", action="store_true")
+    ap.add_argument("--channels-last", action="store_true")
     a = ap.parse_args()
     paths = [ln for ln in Path(a.plain).read_text().splitlines() if ln]
-    print(json.dumps(plain_script([(p, p) for p in paths], a.backbone, a.max_size, a.random_weights)))
+    print(json.dumps(plain_script([(p, p) for p in paths], a.backbone, a.max_size, a.random_weights,
+                                  a.channels_last)))
