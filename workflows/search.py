@@ -617,10 +617,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 QUERY_SCALES_HELP = (
     "multi-scale localisation (an extension of the paper): also describe the query photo resized by "
     "each of these factors (comma-separated, in [0.1, 2], e.g. 1,0.71,0.5), run AML with each scale's "
-    "MAC on every short-listed image and keep the best-scoring window; the scale-1 query still filters "
-    "and scores. Costs one query extraction and one full re-ranking pass per scale: re-ranking time x "
-    "the number of scales; the stored maps are unchanged. Default 1 (the paper's single scale). "
-    "Measured in docs/benchmarks.md (issue 8)")
+    "MAC on every short-listed image and keep the window that scores best against the scale-1 query "
+    "(which still filters and scores). Costs one query extraction per scale and re-ranking time x the "
+    "number of scales; the stored maps are unchanged. Default 1: the paper's single scale. Measured on "
+    "self-paste views (docs/benchmarks.md, issue 8): IoU 0.38 -> 0.43, rmac+aml mAP 75.8 -> 80.8")
 
 
 def add_query_scales_argument(parser: argparse.ArgumentParser) -> None:
