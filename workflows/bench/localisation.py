@@ -70,11 +70,11 @@ def measure(views: str, store_path: str, scales: tuple[float, ...], weights: str
     """Every pair's windows at every scale (see the module docstring); returns the per-pair records and
     the summary tables."""
     from rmac.storage.datasets import load_dataset
-    from rmac.storage.store import Store
+    from rmac.storage.store import Store, StoreError
     from rmac.workflows.errors import UsageError
     from rmac.workflows.evaluate import localisation_pairs
     from rmac.workflows.extract import ModelChoice
-    from rmac.workflows.index import load_whitenings, require_indexed
+    from rmac.workflows.index import DEFAULT_L, load_whitenings, require_indexed
     from rmac.workflows.search import (SearchParams, cell_geometry, query_maps, query_scale_maps, query_vectors,
                                        rerank_scales, with_scales)
 
@@ -84,7 +84,7 @@ def measure(views: str, store_path: str, scales: tuple[float, ...], weights: str
     st = Store(store_path)
     try:
         require_indexed(st)
-    except Exception as e:
+    except StoreError as e:
         raise UsageError(f"{store_path} is not an indexed store of {views} ({e}): run "
                          f"`rmac evaluate {views} --store {store_path}` first") from None
     rows_of = {i: r for r, i in enumerate(st.ids) if i is not None}
@@ -100,8 +100,8 @@ def measure(views: str, store_path: str, scales: tuple[float, ...], weights: str
         q = ds.queries[qi]
         path = str(ds.image_paths[q.image])
         maps, hw, bbox = query_maps(path, q.bbox, choice, cfg.max_size)
-        qv = query_vectors(maps, w, 3, hw, bbox)
-        qvs[qi] = with_scales(qv, scales, *query_scale_maps(path, bbox, choice, cfg.max_size, scales), w, 3)
+        qv = query_vectors(maps, w, DEFAULT_L, hw, bbox)
+        qvs[qi] = with_scales(qv, scales, *query_scale_maps(path, bbox, choice, cfg.max_size, scales), w, DEFAULT_L)
     records = []
     for qi, row, true_box, is_self in pairs:
         qv = qvs[qi]
@@ -129,7 +129,7 @@ def measure(views: str, store_path: str, scales: tuple[float, ...], weights: str
                                  "own_rmac_score": localised_rmac(ii, found.box, qv.scale_rmacs[j], w.regional)[0],
                                  "area_ratio": (px[2] - px[0]) * (px[3] - px[1]) / area}
             rec["per_scale"].append(entry)
-        # the product's path on this map: `rerank_scales` with either pick rule
+        # the product's path on this map: `rerank_scales` with each pick rule
         sp = sparse_maps([qmap])
         for pick in ("aml", "score", "own"):
             res = rerank_scales(sp, qv, w, SearchParams(scale_pick=pick), cfg.levels)
