@@ -303,6 +303,24 @@ def test_evaluate_reports_self_paste_localisation_apart(client, tmp_path):
     assert loc["iou_aml"] == pytest.approx(overall, abs=0.02)
     assert loc["self"]["iou50_aml"] in (0.0, 25.0, 50.0, 75.0, 100.0)
     assert loc["self"]["iou50_exhaustive"] in (0.0, 25.0, 50.0, 75.0, 100.0)
+    # `rmac bench localisation` on the same views and store: its scale-1 rule is the evaluation's AML and
+    # exhaustive IoU, and with the query scales its "best re-ranking score" rule is `--query-scales`' figure
+    from rmac.workflows.bench.localisation import measure
+
+    bench = measure(str(tmp_path / "views"), str(tmp_path / "store"), (1.0, 0.5), which="self")
+    s1 = bench["summary"]["self"]["rules"]["scale 1"]
+    assert bench["summary"]["self"]["pairs"] == 4 and "other" not in bench["summary"]
+    assert s1["iou_aml"] == pytest.approx(loc["self"]["iou_aml"], abs=0.01)
+    assert s1["iou_exhaustive"] == pytest.approx(loc["self"]["iou_exhaustive"], abs=0.01)
+    ms = evaluate(str(tmp_path / "views"), client, ModelChoice(), MAX_SIZE, store=str(tmp_path / "store"),
+                  top_n=40, progress=False, query_scales=(1.0, 0.5))
+    assert ms.result["query_scales"] == [1.0, 0.5]
+    for m in ("mac", "rmac"):  # filtering does not change
+        assert ms.result["methods"][m] == ev.result["methods"][m]
+    picked = bench["summary"]["self"]["rules"]["best re-ranking score"]
+    assert ms.result["localisation"]["self"]["iou_aml"] == pytest.approx(picked["iou_aml"], abs=0.01)
+    assert ms.result["localisation"]["self"]["iou_exhaustive"] == pytest.approx(picked["iou_exhaustive"], abs=0.01)
+    assert bench["summary"]["self"]["product_path"]["score"] == pytest.approx(picked["iou_aml"], abs=0.01)
 
 
 def test_query_scales_on_the_cluster_equal_single_process(client, dev, dev_store, db, queries):
@@ -343,21 +361,3 @@ def test_query_scales_on_the_cluster_equal_single_process(client, dev, dev_store
             np.testing.assert_allclose(box, box_to_pixels(ref.boxes[i], maps[i].shape[1:], image_hw[i],
                                                           cell_geometry(store, image_hw[i])), atol=1e-9)
             np.testing.assert_allclose(vec, ref.vectors[i], atol=1e-5)
-    # `rmac bench localisation` on the same views and store: its scale-1 rule is the evaluation's AML and
-    # exhaustive IoU, and with the query scales its "best re-ranking score" rule is `--query-scales`' figure
-    from rmac.workflows.bench.localisation import measure
-
-    bench = measure(str(tmp_path / "views"), str(tmp_path / "store"), (1.0, 0.5), which="self")
-    s1 = bench["summary"]["self"]["rules"]["scale 1"]
-    assert bench["summary"]["self"]["pairs"] == 4 and "other" not in bench["summary"]
-    assert s1["iou_aml"] == pytest.approx(loc["self"]["iou_aml"], abs=0.01)
-    assert s1["iou_exhaustive"] == pytest.approx(loc["self"]["iou_exhaustive"], abs=0.01)
-    ms = evaluate(str(tmp_path / "views"), client, ModelChoice(), MAX_SIZE, store=str(tmp_path / "store"),
-                  top_n=40, progress=False, query_scales=(1.0, 0.5))
-    assert ms.result["query_scales"] == [1.0, 0.5]
-    for m in ("mac", "rmac"):  # filtering does not change
-        assert ms.result["methods"][m] == ev.result["methods"][m]
-    picked = bench["summary"]["self"]["rules"]["best re-ranking score"]
-    assert ms.result["localisation"]["self"]["iou_aml"] == pytest.approx(picked["iou_aml"], abs=0.01)
-    assert ms.result["localisation"]["self"]["iou_exhaustive"] == pytest.approx(picked["iou_exhaustive"], abs=0.01)
-    assert bench["summary"]["self"]["product_path"]["score"] == pytest.approx(picked["iou_aml"], abs=0.01)
