@@ -1,6 +1,7 @@
 """`rmac bench scale` helpers: peak RSS of every process, recall, the disk check."""
 from __future__ import annotations
 
+import json
 import time
 
 import numpy as np
@@ -43,3 +44,27 @@ def test_disk_check_refuses_with_the_size_needed(tmp_path):
     check_disk(tmp_path, 1, 10)
     with pytest.raises(SystemExit, match=r"need about [0-9.]+ GiB .* GiB free"):
         check_disk(tmp_path, bytes_needed(10**15, 1000), 1000)
+
+
+def _run_figures(n: int) -> dict:
+    """The fields of a `bench_scale` result that the curve reads (shapes as bench_scale writes them)."""
+    return {"db_images": n, "bytes": {"per_image": 44668},
+            "filtering": {"exact_workers": {"p50_ms": 0.4 * n ** 0.5},
+                          "ivf_nprobe16": {"p50_ms": 10.0, "recall@1000": 0.4},
+                          "ivf_nprobe64": {"p50_ms": 15.0, "recall@1000": 0.7}},
+            "query": {"rerank_s": {"p50": 0.5}, "end_to_end_s": {"p50": 0.7}},
+            "peak_rss_mib": {"index": {"client+scheduler": 400.0, "worker0": n / 100.0}}}
+
+
+def test_cost_curve_plot_from_earlier_runs(tmp_path, capsys):
+    from rmac.workflows import cli
+
+    files = []
+    for n in (10_186, 100_186):
+        f = tmp_path / f"s{n}.json"
+        f.write_text(json.dumps(_run_figures(n)))
+        files.append(str(f))
+    png = tmp_path / "curve.png"
+    assert cli.main(["bench", "scale", "--from-json", *files, "--plot", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert cli.main(["bench", "scale"]) == 2 and "give --count" in capsys.readouterr().err

@@ -362,7 +362,7 @@ def summary_line(res: dict) -> str:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from rmac.workflows.args import positive_int
 
-    p.add_argument("--count", type=positive_int, required=True, help="synthetic distractors (10000, 100000, 1000000)")
+    p.add_argument("--count", type=positive_int, help="synthetic distractors (10000, 100000, 1000000)")
     p.add_argument("--workdir", help="where the stores go (default: a temporary folder); reused when kept")
     p.add_argument("--keep", action="store_true", help="keep the stores (default: remove them at the end)")
     p.add_argument("--workers", type=int, help="LocalCluster worker processes (default: one per core)")
@@ -375,16 +375,62 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--similarity-sample", type=positive_int, default=2000,
                    help="synthetic distractors compared with the real ones (default %(default)s)")
     p.add_argument("--json", dest="json_out", help="also write the figures to this JSON file")
+    p.add_argument("--from-json", nargs="+", default=[], metavar="FILE",
+                   help="earlier runs' --json files, for --plot (with no --count nothing is run)")
+    p.add_argument("--plot", metavar="PNG", help="the cost curve against N of these runs as a PNG")
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.count < 1:
-        print("rmac bench scale: error: --count must be >= 1", file=sys.stderr)
+    if args.count is None and not args.from_json:
+        print("rmac bench scale: error: give --count N (or --from-json FILES with --plot)", file=sys.stderr)
         return 2
-    res = bench_scale(args.count, args.workdir, args.keep, args.workers, args.scheduler, args.max_size,
-                      args.shard_rows, args.top_n, args.queries, tuple(args.nprobe),
-                      similarity_sample=args.similarity_sample, progress=False)
-    print_report(res)
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(res, indent=1))
+    runs = [json.loads(Path(f).read_text()) for f in args.from_json]
+    if args.count is not None:
+        res = bench_scale(args.count, args.workdir, args.keep, args.workers, args.scheduler, args.max_size,
+                          args.shard_rows, args.top_n, args.queries, tuple(args.nprobe),
+                          similarity_sample=args.similarity_sample, progress=False)
+        print_report(res)
+        if args.json_out:
+            Path(args.json_out).write_text(json.dumps(res, indent=1))
+        runs.append(res)
+    if args.plot:
+        plot_curve(runs, args.plot)
+        print(f"wrote {args.plot}")
     return 0
+
+
+def plot_curve(runs: list[dict], png: str) -> None:
+    """Per-query seconds (exact and IVF filtering, re-ranking, end to end) and the largest peak RSS of
+    any process, against the database size N, one point per run (log-log)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = sorted(runs, key=lambda r: r["db_images"])
+    n = [r["db_images"] for r in runs]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    best_ivf = [max((v for k, v in r["filtering"].items() if k.startswith("ivf")), key=lambda v: v["recall@1000"])
+                for r in runs]
+    for label, ys in (("filtering, exact on the workers (p50)", [r["filtering"]["exact_workers"]["p50_ms"] / 1e3 for r in runs]),
+                      ("filtering, IVF at its best recall (p50)", [v["p50_ms"] / 1e3 for v in best_ivf]),
+                      ("AML re-ranking of the top 1000 (p50)", [r["query"]["rerank_s"]["p50"] for r in runs]),
+                      ("end to end (p50)", [r["query"]["end_to_end_s"]["p50"] for r in runs])):
+        a.plot(n, ys, "o-", label=label)
+    a.set(xscale="log", yscale="log", xlabel="database images N", ylabel="seconds per query",
+          title="query time against N")
+    a.legend(fontsize=8)
+    a.grid(True, which="both", alpha=0.3)
+    peak = [max(v for stage in r["peak_rss_mib"].values() for v in stage.values()) for r in runs]
+    b.plot(n, peak, "o-", label="largest peak RSS of any process")
+    b.axhline(4096, color="grey", ls=":", label="4 GB target")
+    b.set(xscale="log", xlabel="database images N", ylabel="MiB", ylim=(0, None), title="memory and disk against N")
+    disk = b.twinx()
+    disk.plot(n, [r["bytes"]["per_image"] / 1e3 for r in runs], "s--", color="tab:orange", label="disk per image")
+    disk.set(ylabel="kB per image", ylim=(0, None))
+    lines = b.get_legend_handles_labels(), disk.get_legend_handles_labels()
+    b.legend(lines[0][0] + lines[1][0], lines[0][1] + lines[1][1], fontsize=8, loc="lower right")
+    b.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
