@@ -158,29 +158,29 @@ def _path(text: str) -> Path:
     return Path(text)
 
 
-def existing_path(text: str) -> str:
-    """A path that exists (file or folder)."""
+def _existing(text: str, what: str) -> Path:
     p = _path(text)
     if not p.exists():
-        raise _Error(f"{text}: no such file or folder")
+        raise _Error(f"{text}: no such {what}")
+    return p
+
+
+def existing_path(text: str) -> str:
+    """A path that exists (file or folder)."""
+    _existing(text, "file or folder")
     return text
 
 
 def existing_dir(text: str) -> str:
     """A folder that exists."""
-    p = _path(text)
-    if not p.exists():
-        raise _Error(f"{text}: no such folder")
-    if not p.is_dir():
+    if not _existing(text, "folder").is_dir():
         raise _Error(f"{text}: not a folder")
     return text
 
 
 def existing_file(text: str) -> str:
     """A regular file that exists and can be read."""
-    p = _path(text)
-    if not p.exists():
-        raise _Error(f"{text}: no such file")
+    p = _existing(text, "file")
     if p.is_dir():
         raise _Error(f"{text}: is a folder, expected a file")
     if not os.access(p, os.R_OK):
