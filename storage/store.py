@@ -484,11 +484,12 @@ class Store:
         if stop <= start:
             return
         done = self.done_partitions()  # pending partitions hold no data yet: nothing to miss
-        missing = []
+        ranges = []
         for p in range(self.partition_of(start), self.partition_of(stop - 1) + 1):
             if p in done:
                 rows = self.partition_rows(p)
-                missing += self.missing_chunks(max(start, rows.start), min(stop, rows.stop), names, exclude)
+                ranges.append((max(start, rows.start), min(stop, rows.stop)))
+        missing = checksums.missing_chunks_in(self.path / "arrays", ranges, names, exclude, self.n_images)
         if missing:
             raise StoreError(f"{self.path}: data missing ({', '.join(missing[:5])}"
                              f"{' ...' if len(missing) > 5 else ''}): the store is damaged; "
