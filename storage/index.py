@@ -26,7 +26,8 @@ import numpy as np
 
 FORMAT = "rmac-faiss-shards/1"
 MANIFEST = "manifest.json"
-KINDS = ("flat", "ivf")
+KINDS = ("flat", "flat16", "ivf", "pq")
+TRAINED_KINDS = ("ivf", "pq")  # built from a template trained once on a sample (`rmac.workflows.ivf`)
 _ENTRY_KEYS = ("file", "start", "stop", "kind", "d", "ntotal")
 
 
@@ -61,11 +62,14 @@ def build_shard(
 
     vectors: float (n, D), l2-normalised rows. Ids are global row numbers ``start + i``.
     valid: optional mask of rows to index; invalid rows (see `valid_rows`) are always left out.
-    kind: "flat" (exact, `IndexIDMap(IndexFlatIP)`) or "ivf" (`IndexIVFFlat`, spherical k-means
-    trained on ``train`` if given, e.g. a sample shared by all shards, else on the shard itself;
-    ``nlist`` defaults to `default_nlist` of the training size; ``nprobe`` is stored in the shard).
-    template: an already trained, empty IVF index (trained once on a sample of the whole array, see
-    `rmac.workflows.ivf`): the shard is a copy of it with its rows added, so all shards share lists.
+    kind: "flat" (exact, `IndexIDMap(IndexFlatIP)`), "flat16" (exhaustive over half-precision
+    vectors, `IndexScalarQuantizer` fp16: half the memory, the same top k up to fp16 rounding of the
+    scores), "ivf" (`IndexIVFFlat`, spherical k-means trained on ``train`` if given, e.g. a sample
+    shared by all shards, else on the shard itself; ``nlist`` defaults to `default_nlist` of the
+    training size; ``nprobe`` is stored in the shard) or "pq" (only from a ``template``).
+    template: an already trained, empty index of kind "ivf" or "pq" (trained once on a sample of the
+    whole array, see `rmac.workflows.ivf`): the shard is a copy of it with its rows added, so all
+    shards share lists and codebooks.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -82,12 +86,17 @@ def build_shard(
 
     if kind == "flat":
         index = faiss.IndexIDMap(faiss.IndexFlatIP(d))
+    elif kind == "flat16":
+        index = faiss.IndexIDMap(faiss.IndexScalarQuantizer(d, faiss.ScalarQuantizer.QT_fp16,
+                                                            faiss.METRIC_INNER_PRODUCT))
     elif template is not None:
         if not template.is_trained or template.ntotal or template.d != d:
-            raise ValueError(f"the IVF template must be trained, empty and {d}-D")
+            raise ValueError(f"the {kind} template must be trained, empty and {d}-D")
         index = faiss.clone_index(template)
-        if nprobe is not None:
+        if nprobe is not None and kind == "ivf":
             faiss.extract_index_ivf(index).nprobe = int(nprobe)
+    elif kind == "pq":
+        raise ValueError("a pq shard is built from a trained template (rmac.workflows.ivf.train_template)")
     else:
         sample = x if train is None else np.ascontiguousarray(train, dtype=np.float32)
         sample = sample[valid_rows(sample)]
@@ -103,6 +112,17 @@ def build_shard(
     if len(x):
         index.add_with_ids(x, ids)
     return index
+
+
+def search_params(kind: str, nprobe: int | None = None, k_factor: float | None = None):
+    """The per-call FAISS search parameters of a shard of ``kind``: IVF lists probed (``nprobe``) or the
+    pq shards' re-ranking depth (``k_factor``: the fast-scan stage keeps ``k_factor * k`` candidates,
+    re-scored with the 8-bit vectors). None: the shard's own settings."""
+    if kind == "ivf" and nprobe:
+        return faiss.SearchParametersIVF(nprobe=int(nprobe))
+    if kind == "pq" and k_factor:
+        return faiss.IndexRefineSearchParameters(k_factor=float(k_factor))
+    return None
 
 
 def fsync_dir(folder: str | os.PathLike) -> None:
@@ -234,12 +254,14 @@ class ShardedIndex:
         """Number of indexed (valid) rows."""
         return sum(e["ntotal"] for e in self.entries)
 
-    def search(self, queries: np.ndarray, k: int, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, k: int, nprobe: int | None = None,
+               k_factor: float | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` rows for each query, best first: ``(scores (nq, k) float32, ids (nq, k) int64)``.
 
         Scores are inner products (cosine for l2-normalised queries). Where fewer than ``k`` rows
         are found (k > ntotal, or IVF probing few lists), ids are -1 and scores -inf.
         nprobe: IVF lists visited per shard for this call (default: the index's, else the shard's).
+        k_factor: candidates per result re-scored by pq shards for this call (default: the shard's).
         """
         q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         if self.d is not None and q.shape[1] != self.d:  # d is None: a folder without shards
@@ -253,8 +275,7 @@ class ShardedIndex:
         for s, (e, index) in enumerate(zip(self.entries, self.shards)):
             if index.ntotal == 0:
                 continue
-            params = faiss.SearchParametersIVF(nprobe=int(nprobe)) if e["kind"] == "ivf" and nprobe else None
-            all_d[s], all_i[s] = index.search(q, k, params=params)
+            all_d[s], all_i[s] = index.search(q, k, params=search_params(e["kind"], nprobe, k_factor))
         scores, ids = faiss.merge_knn_results(all_d, all_i, keep_max=True)
         scores[ids < 0] = -np.inf  # faiss pads with -FLT_MAX
         return scores, ids

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import shutil
+import time
 
 import faiss
 import numpy as np
@@ -91,3 +92,81 @@ def test_build_shard_from_template_equals_its_own_training():
     np.testing.assert_allclose(da[:, 0], 1.0, atol=1e-5)
     with pytest.raises(ValueError, match="trained, empty"):
         build_shard(x[:10], 0, kind="ivf", template=a)
+
+
+@pytest.mark.parametrize("index_type", ["pq", "flat16"])
+def test_pq_and_flat16_indexes_through_the_workers(client, dev_store, tmp_path, index_type):
+    """`rmac index --index-type pq | flat16`: shards on the workers, `k_factor` reaching them, the exact
+    top k found (pq: with enough candidates re-scored)."""
+    from rmac.workflows.index import build_index, load_whitenings
+
+    path = tmp_path / f"{index_type}-store"
+    shutil.copytree(dev_store.path, path)
+    st = Store(path)
+    info = build_index(st, client, whitening=load_whitenings(st), whiten_label="dev distractors", shard_rows=16,
+                       index_kind=index_type, progress=False)
+    assert info["index_kind"] == index_type and info["shards"] >= 3
+    if index_type == "pq":
+        assert info["pq"]["rmac"]["factory"].startswith("IDMap,PQ") and info["pq"]["rmac"]["k_factor"] == 2
+        assert "pq_train_s" in info["timings"]
+    flat = Database([Store(dev_store.path)])
+    approx = Database([Store(path)]).scatter_filtering(client)
+    for kind, q in _queries(st).items():
+        _, ref_i = flat.filter(kind, q, 20)
+        _, got_i = approx.filter(kind, q, 20, k_factor=8)
+        found = np.mean([len(set(a) & set(b)) / 20 for a, b in zip(got_i, ref_i)])
+        assert found >= 0.95, (kind, found)
+        _, one_i = approx.filter(kind, q, 20, k_factor=1)
+        assert one_i.shape == (len(q), 20) and (one_i >= 0).all()
+
+
+def test_index_cli_takes_the_index_type():
+    import argparse
+
+    from rmac.workflows.index import add_arguments
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    assert p.parse_args(["/tmp", "--pq"]).index_type == "pq"
+    assert p.parse_args(["/tmp", "--ivf"]).index_type == "ivf"
+    assert p.parse_args(["/tmp", "--index-type", "flat16"]).index_type == "flat16"
+    assert p.parse_args(["/tmp"]).index_type == "flat"
+    with pytest.raises(SystemExit):
+        p.parse_args(["/tmp", "--pq", "--ivf"])
+
+
+def _exit_soon() -> None:
+    import os
+    import threading
+
+    threading.Timer(0.2, os._exit, (1,)).start()  # after `client.run` has its answer
+
+
+def test_actor_searches_fall_back_to_tasks_when_a_worker_dies(dev_store):
+    """Filtering calls each worker's `ShardHolder` actor directly; when a worker dies the call is
+    answered by tasks on the workers there are (same rows), and the next call makes new actors."""
+    from distributed import Client, LocalCluster
+
+    from rmac.workflows.filtering import ScatteredFilter
+
+    q = _queries(dev_store.store)["rmac"]
+    ref_s, ref_i = Database([Store(dev_store.path)]).filter("rmac", q, 10)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as c:
+        filt = ScatteredFilter(c, [dev_store.path], [0])
+        s, i = filt.search("rmac", q, 10)
+        np.testing.assert_allclose(s, ref_s, atol=1e-5)
+        assert len(filt._holders) == 2  # one actor per worker holding shards
+        gone = sorted(filt._holders)[0]
+        c.run(_exit_soon, workers=[gone])
+        for _ in range(300):  # the nanny restarts it under a new address
+            workers = set(c.scheduler_info()["workers"])
+            if gone not in workers and len(workers) == 2:
+                break
+            time.sleep(0.1)
+        s, i = filt.search("rmac", q, 10)  # through tasks
+        np.testing.assert_allclose(s, ref_s, atol=1e-5)
+        assert not filt._holders and gone not in filt.workers
+        s, i = filt.search("rmac", q, 10)  # new actors on the workers there are now
+        np.testing.assert_allclose(s, ref_s, atol=1e-5)
+        assert set(filt._holders) <= set(c.scheduler_info()["workers"]) and filt._holders

@@ -193,3 +193,69 @@ def test_ivf_trained_on_its_own_shard():
     assert faiss.extract_index_ivf(index).nlist == 10 and index.ntotal == 400
     with pytest.raises(ValueError, match="training"):
         build_shard(np.zeros((5, 16), np.float32), 0, kind="ivf")
+
+
+def _pq_template(train: np.ndarray, k_factor: float = 2.0):
+    from rmac.workflows.ivf import pq_factory
+
+    t = faiss.index_factory(train.shape[1], pq_factory(train.shape[1]), faiss.METRIC_INNER_PRODUCT)
+    t.train(train)
+    faiss.downcast_index(t.index).k_factor = k_factor
+    return t
+
+
+def test_flat16_is_exhaustive_at_half_precision(tmp_path):
+    rng = np.random.default_rng(6)
+    X = l2n(rng.standard_normal((3000, 48)))
+    Q = l2n(rng.standard_normal((20, 48)))
+    index = build_shard(X, 500, kind="flat16")
+    save_shard(index, tmp_path / "h.faiss")
+    back = load_shard(tmp_path / "h.faiss")
+    ref_d, ref_i = brute_force(X, Q, 50)
+    got_d, got_i = back.search(Q, 50)
+    np.testing.assert_allclose(got_d, ref_d, atol=2e-3)  # fp16 rounding of the stored vectors
+    assert np.mean(got_i - 500 == ref_i) > 0.97  # the same rows, up to near-ties
+    # half the bytes of a float32 shard
+    save_shard(build_shard(X, 500), tmp_path / "f.faiss")
+    assert (tmp_path / "h.faiss").stat().st_size < 0.55 * (tmp_path / "f.faiss").stat().st_size
+
+
+def test_pq_shards_recall_grows_with_k_factor_and_search_params_reach_them(tmp_path):
+    """pq: 4-bit fast-scan codes over every row, the best k_factor x k re-scored with SQ8 vectors.
+    Shards copy one trained template; `k_factor` per call reaches every shard (client and workers)."""
+    rng = np.random.default_rng(7)
+    d, n = 64, 12_000
+    X = l2n(rng.standard_normal((n, d)) + 0.5 * rng.standard_normal((1, d)))
+    Q = l2n(X[rng.choice(n, 40, replace=False)] + 0.3 * rng.standard_normal((40, d)).astype(np.float32))
+    template = _pq_template(X[rng.choice(n, 4000, replace=False)])
+    for i, (a, b) in enumerate([(0, 5000), (5000, n)]):
+        s = build_shard(X[a:b], a, kind="pq", template=template)
+        save_shard(s, tmp_path / shard_file(i))
+    assert template.ntotal == 0
+    write_manifest(tmp_path, [shard_entry(load_shard(tmp_path / shard_file(i)), shard_file(i), a, b, "pq")
+                              for i, (a, b) in enumerate([(0, 5000), (5000, n)])])
+    index = ShardedIndex(tmp_path)
+    _, ref = brute_force(X, Q, 100)
+
+    def recall(ids):
+        return np.mean([len(set(a) & set(b)) / 100 for a, b in zip(ids, ref)])
+
+    r1, r2, r8 = (recall(index.search(Q, 100, k_factor=kf)[1]) for kf in (1, 2, 8))
+    assert recall(index.search(Q, 100)[1]) == r2  # the template's k_factor is stored in every shard
+    assert r1 < r2 <= r8 and r8 >= 0.9, (r1, r2, r8)
+    scores, ids = index.search(Q, 100, k_factor=8)
+    exact = np.einsum("qd,qkd->qk", Q, X[ids])
+    err = np.abs(scores - exact)  # re-scored with 8-bit vectors: close to the exact cosine
+    assert np.median(err) < 0.005 and err.max() < 0.05, (np.median(err), err.max())
+    with pytest.raises(ValueError, match="template"):
+        build_shard(X[:10], 0, kind="pq")
+
+
+def test_pq_factory_sizes():
+    from rmac.workflows.ivf import pq_factory
+
+    assert pq_factory(1280) == "IDMap,PQ640x4fs,Refine(SQ8)"
+    assert pq_factory(511) == "IDMap,PQ511x4fs,Refine(SQ8)"  # odd: one dimension per sub-quantiser
+    assert pq_factory(512, 128) == "IDMap,PQ128x4fs,Refine(SQ8)"
+    with pytest.raises(ValueError, match="divide"):
+        pq_factory(10, 3)

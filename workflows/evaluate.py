@@ -26,9 +26,9 @@ from rmac.workflows.args import existing_dir, new_or_existing_dir, nonnegative_i
 from rmac.workflows.errors import UsageError
 from rmac.workflows.extract import ModelChoice, add_model_arguments, extract
 from rmac.workflows.index import DEFAULT_L, build_index, load_whitenings
-from rmac.workflows.search import (Database, QueryVectors, Ranking, SearchParams, add_query_scales_argument,
-                                   answer, describe_at_scales, localise_exhaustive, query_maps, query_vectors,
-                                   rerank_many)
+from rmac.workflows.search import (Database, QueryVectors, Ranking, SearchParams, add_filter_arguments,
+                                   add_query_scales_argument, answer, describe_at_scales, localise_exhaustive,
+                                   query_maps, query_vectors, rerank_many)
 
 METHODS = {
     "mac": SearchParams(filter="mac", rerank=False, qe=0),
@@ -94,7 +94,8 @@ def evaluate(dataset: str, client, choice: ModelChoice = ModelChoice(), max_size
              store: str | None = None, distractors: tuple[str, ...] = (), whiten_on: str | None = None,
              top_n: int = 1000, methods: tuple[str, ...] = tuple(METHODS), rank_depth: int = 10_000,
              L: int = DEFAULT_L, qe: int = 5, progress: bool = True, allow_unknown: bool = False,
-             nprobe: int | None = None, query_scales: tuple[float, ...] = (1.0,)) -> Evaluation:
+             nprobe: int | None = None, query_scales: tuple[float, ...] = (1.0,),
+             k_factor: float | None = None) -> Evaluation:
     """Evaluate ``methods`` on ``dataset``; the result holds mAP in percent (None where undefined: no
     query has a positive). ``query_scales`` other than ``(1.0,)``: multi-scale localisation in the
     re-ranking (`SearchParams.query_scales`). Ground truth naming images outside the dataset raises `DatasetError`, or
@@ -159,12 +160,14 @@ def evaluate(dataset: str, client, choice: ModelChoice = ModelChoice(), max_size
     for name in methods:
         base = METHODS[name]
         params = SearchParams(**{**base.__dict__, "top_n": top_n, "L": L, "qe": qe if base.qe else 0,
-                                 "nprobe": nprobe, "query_scales": tuple(query_scales)})
+                                 "nprobe": nprobe, "k_factor": k_factor,
+                                 "query_scales": tuple(query_scales)})
         t = time.perf_counter()
         key = params.filter
         if params.rerank and key not in reranked:  # one scattered pass for all queries, reused with QE
             _, top = db.filter("rmac" if key == "rmac" else "macw",
-                               np.stack([qv.rmac if key == "rmac" else qv.macw for qv in qvs]), top_n, nprobe)
+                               np.stack([qv.rmac if key == "rmac" else qv.macw for qv in qvs]), top_n, nprobe,
+                               k_factor)
             reranked[key] = rerank_many(db, client, qvs, [r[r >= 0] for r in top], params, w_future)
         ranked = [answer(db, client, qv, params, w_future, k=depth,
                          reranked=reranked[key][i] if params.rerank else None)
@@ -291,7 +294,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-n", type=positive_int, default=1000, help="images re-ranked per query")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of methods")
     parser.add_argument("--qe", type=nonnegative_int, default=5, help="top re-ranked images merged by QE (default 5)")
-    parser.add_argument("--nprobe", type=positive_int, help="IVF lists probed per shard (stores indexed with --ivf)")
+    add_filter_arguments(parser)
     add_query_scales_argument(parser)
     parser.add_argument("--json", dest="json_out", type=writable_file, help="write the result as JSON to this file")
     parser.add_argument("--allow-unknown", action="store_true",
@@ -307,7 +310,7 @@ def main(args: argparse.Namespace, client) -> int:
         raise UsageError(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     res = evaluate(args.dataset, client, choice, args.max_size, args.store, tuple(args.distractors),
                    args.whiten_on, args.top_n, methods, qe=args.qe, allow_unknown=args.allow_unknown,
-                   nprobe=args.nprobe, query_scales=args.query_scales).result
+                   nprobe=args.nprobe, k_factor=args.k_factor, query_scales=args.query_scales).result
     print_table(res)
     if args.json_out:
         Path(args.json_out).write_text(to_json(res))

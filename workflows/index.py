@@ -26,7 +26,7 @@ from rmac.ops.pooling import l2n, regional_mac, rmac_aggregate_many
 from rmac.ops.quantise import dequantise
 from rmac.ops.regions import rmac_regions
 from rmac.storage import checksums, ids as id_tables
-from rmac.storage.index import shard_file
+from rmac.storage.index import KINDS, TRAINED_KINDS, shard_file
 from rmac.storage.store import Store, StoreError, _write_json_atomic
 from rmac.workflows.progress import wait_all
 
@@ -35,6 +35,13 @@ DEFAULT_DIM: int | None = None  # the paper keeps D = K; `--dim` reduces (measur
 DIM_HELP = ("whitened dimensions (default: all K channels, as the paper). A reduction costs accuracy: "
             "with EfficientNet-Lite0 (K = 1280) on the views of landmarks-dev, 512-D R-MAC scored "
             "50 mAP against 59 at 1280-D (docs/benchmarks.md)")
+INDEX_TYPE_HELP = (
+    "the filtering index's shards: flat (exact, float32; the default), flat16 (exact over half-precision "
+    "vectors: half the memory, the same top 1000 at 100k), ivf (IVF lists, --nlist, --ivf-codec; loses deep "
+    "neighbours: recall@1000 0.89 at a quarter of the lists at 100k), pq (every row scanned as a 4-bit PQ "
+    "code with SIMD fast-scan, the best k-factor x top-n re-scored with 8-bit vectors: recall@1000 0.97 at "
+    "100k, D + D/4 bytes per row). Measured in docs/benchmarks.md (issue 12); searched with --nprobe / "
+    "--k-factor")
 DEFAULT_SHARD_ROWS = 100_000
 VECTOR_KINDS = ("rmac", "macw")
 
@@ -187,8 +194,11 @@ def build_index(store: Store, client, whiten_on: Store | None = None, L: int = D
                 index_kind: str = "flat", whiten_subset: np.ndarray | None = None,
                 whiten_label: str | None = None, whitening: Whitenings | None = None,
                 progress: bool = True, refit: bool = False, wait: bool = False, nlist: int | None = None,
-                ivf_codec: str = "flat", shrinkage: float = wh.DEFAULT_SHRINKAGE) -> dict:
+                ivf_codec: str = "flat", shrinkage: float = wh.DEFAULT_SHRINKAGE, pq_m: int | None = None) -> dict:
     """Whitening, global vectors and FAISS shards for ``store``; returns timings and what was built.
+
+    ``index_kind``: one of `rmac.storage.index.KINDS` (flat, flat16, ivf with ``nlist`` and ``ivf_codec``,
+    pq with ``pq_m`` sub-quantisers); see `rmac index --help`.
 
     The whitening is fitted on ``whiten_on`` (default: the store itself), on the rows of
     ``whiten_subset`` only when given; or taken as given (``whitening``, labelled ``whiten_label``),
@@ -204,12 +214,12 @@ def build_index(store: Store, client, whiten_on: Store | None = None, L: int = D
         store.reload()  # what the previous holder committed; the caller's handle sees what we commit
         finish_commit(store)
         return _build_index(store, client, whiten_on, L, dim, shard_rows, index_kind, whiten_subset,
-                            whiten_label, whitening, progress, refit, nlist, ivf_codec, shrinkage)
+                            whiten_label, whitening, progress, refit, nlist, ivf_codec, shrinkage, pq_m)
 
 
 def _build_index(store, client, whiten_on, L, dim, shard_rows, index_kind, whiten_subset, whiten_label,
                  whitening, progress, refit, nlist=None, ivf_codec="flat",
-                 shrinkage=wh.DEFAULT_SHRINKAGE) -> dict:
+                 shrinkage=wh.DEFAULT_SHRINKAGE, pq_m=None) -> dict:
     from distributed import wait
 
     store.require_complete()
@@ -285,15 +295,19 @@ def _build_index(store, client, whiten_on, L, dim, shard_rows, index_kind, white
     ranges = shard_ranges(store, shard_rows, todo)
     shards = {}
     ivf = {}
-    if index_kind == "ivf" and ranges:  # one k-means per vector kind on a sample; every shard adds to a copy
-        from rmac.workflows.ivf import TEMPLATE, train_template
+    if index_kind in TRAINED_KINDS and ranges:  # trained once per vector kind on a sample; shards add to a copy
+        from rmac.workflows.ivf import TEMPLATE, train_pq_template, train_template
 
         trained = {k: client.submit(train_template, store, k, nlist, ivf_codec, 0,
-                                    str(store.path / "index" / "ivf" / k), pure=False) for k in VECTOR_KINDS}
+                                    str(store.path / "index" / index_kind / k), pure=False)
+                   if index_kind == "ivf" else
+                   client.submit(train_pq_template, store, k, pq_m, 0, str(store.path / "index" / index_kind / k),
+                                 pure=False)
+                   for k in VECTOR_KINDS}
         ivf = {k: f.result() for k, f in trained.items()}
-        timings["ivf_train_s"] = time.perf_counter() - t
+        timings[f"{index_kind}_train_s"] = time.perf_counter() - t
     for k in VECTOR_KINDS:
-        template = str(store.path / "index" / "ivf" / k / TEMPLATE) if ivf else None
+        template = str(store.path / "index" / index_kind / k / TEMPLATE) if ivf else None
         used = [e["file"] for e in (before or {}).get("shard_lists", {}).get(k, [])]  # never overwrite those
         first = 1 + max([_shard_number(f) for f in used], default=-1)
         futs = [client.submit(build_shard_file, store, k, first + i, a, b, index_kind, template, pure=False,
@@ -308,7 +322,7 @@ def _build_index(store, client, whiten_on, L, dim, shard_rows, index_kind, white
             "incremental": incremental, "partitions_indexed": len(redo), "shards_built": len(ranges),
             "timings": {k: round(v, 3) for k, v in timings.items()}}
     if ivf:
-        info["ivf"] = ivf
+        info[index_kind] = ivf  # what each vector kind's template was trained on
     commit_index(store, info, shards)
     store.log_run({"command": "index", "version": _version(), "incremental": incremental,
                    "partitions_indexed": len(redo), "shards_built": len(ranges),
@@ -446,7 +460,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="R-MAC scales L (default 3)")
     parser.add_argument("--dim", type=positive_int, default=DEFAULT_DIM, help=DIM_HELP)
     parser.add_argument("--shard-rows", type=positive_int, default=DEFAULT_SHARD_ROWS, help="rows per FAISS shard")
-    parser.add_argument("--ivf", action="store_true", help="IVF shards instead of exact inner product")
+    kinds = parser.add_mutually_exclusive_group()
+    kinds.add_argument("--index-type", choices=KINDS, default="flat", help=INDEX_TYPE_HELP)
+    kinds.add_argument("--ivf", dest="index_type", action="store_const", const="ivf",
+                       help="the same as --index-type ivf")
+    kinds.add_argument("--pq", dest="index_type", action="store_const", const="pq",
+                       help="the same as --index-type pq")
+    parser.add_argument("--pq-m", type=positive_int, help="pq: sub-quantisers (default D/2, 2 dimensions each)")
     parser.add_argument("--nlist", type=int, help="IVF lists (default about 4 sqrt(N), a power of two)")
     parser.add_argument("--ivf-codec", choices=("flat", "sq8"), default="flat",
                         help="IVF list storage: float vectors or 8-bit scalar quantised (default %(default)s)")
@@ -461,8 +481,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace, client) -> int:
     store = Store(args.store)
     other = Store(args.whiten_on) if args.whiten_on else None
-    info = build_index(store, client, other, args.L, args.dim, args.shard_rows, "ivf" if args.ivf else "flat",
-                       refit=args.refit, wait=args.wait, nlist=args.nlist, ivf_codec=args.ivf_codec)
+    info = build_index(store, client, other, args.L, args.dim, args.shard_rows, args.index_type,
+                       refit=args.refit, wait=args.wait, nlist=args.nlist, ivf_codec=args.ivf_codec, pq_m=args.pq_m)
     print(json.dumps(info, indent=1) if args.json else
           f"indexed {store.path}: whitening fitted on {info['whitening']}, {info['dim']}-D, "
           f"{info['shards']} shard(s); {info['partitions_indexed']} partition(s) and {info['shards_built']} "

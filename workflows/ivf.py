@@ -1,4 +1,4 @@
-"""IVF filtering at scale: train the coarse quantiser once on a sample, add per shard in parallel.
+"""Approximate filtering at scale (IVF and pq): train once on a sample, add per shard in parallel.
 
 `rmac index --ivf` used to train k-means on every shard separately (each shard its own lists, and
 training cost times the number of shards). Here one Dask task trains an empty IVF index on a sample
@@ -11,6 +11,12 @@ Choice of the index (FAISS guidelines, measured by `rmac bench scale`): ``nlist`
 (4096 at 1M, never under 39 vectors per list), trained on at most 64 x nlist vectors; lists hold the vectors uncompressed
 (``IVF{nlist},Flat``, exact scores inside the probed lists) or with 8-bit scalar quantisation
 (``IVF{nlist},SQ8``, a quarter of the memory: 1M x 1280-D is 1.3 GB instead of 5 GB).
+
+IVF loses the deep neighbours that a top 1000 needs: at 100k (D = 1280) a quarter of the lists gave
+recall@1000 0.83-0.89 (docs/benchmarks.md). The "pq" index reaches 0.97 there: no partition at all,
+every row scanned as a 4-bit product-quantisation code with FAISS's SIMD fast-scan (``M = D/2``
+sub-quantisers, D/4 bytes a row), and the best ``k_factor x k`` re-scored with 8-bit scalar-quantised
+vectors (``PQ{M}x4fs,Refine(SQ8)``; D + D/4 bytes a row: 1.6 GB at 1M x 1280 against 5.1 GB flat).
 """
 from __future__ import annotations
 
@@ -22,6 +28,8 @@ from rmac.storage.store import Store
 
 CODECS = ("flat", "sq8")
 POINTS_PER_LIST = 64
+PQ_TRAIN = 65_536  # training vectors of a pq template (its codebooks have 16 centroids each)
+PQ_K_FACTOR = 2.0  # stored in the template: 0.97 recall@1000 at 100k (docs/benchmarks.md)
 TEMPLATE = "ivf_template.faiss"
 
 
@@ -50,6 +58,34 @@ def sample_rows(store: Store, kind: str, size: int, seed: int = 0) -> np.ndarray
         if got >= size:
             break
     return np.concatenate(out)[:size] if out else np.zeros((0, arr.shape[1]), np.float32)
+
+
+def pq_factory(d: int, m: int | None = None) -> str:
+    """The FAISS factory string of a pq index over ``d``-D vectors (``m`` sub-quantisers, default d/2; an
+    odd d gets one sub-quantiser per dimension)."""
+    m = int(m or (d // 2 if d % 2 == 0 else d))
+    if d % m:
+        raise ValueError(f"--pq-m {m} must divide the dimension {d}")
+    return f"IDMap,PQ{m}x4fs,Refine(SQ8)"
+
+
+def train_pq_template(store: Store, kind: str, m: int | None = None, seed: int = 0, folder: str | None = None,
+                      k_factor: float = PQ_K_FACTOR) -> dict:
+    """Train an empty pq index (`pq_factory`) on a sample of ``kind`` vectors and save it in the index
+    folder (a Dask task, like `train_template`)."""
+    import faiss
+
+    from rmac.storage.index import save_shard
+
+    x = np.ascontiguousarray(sample_rows(store, kind, PQ_TRAIN, seed), dtype=np.float32)
+    spec = pq_factory(x.shape[1], m)
+    index = faiss.index_factory(x.shape[1], spec, faiss.METRIC_INNER_PRODUCT)
+    index.train(x)
+    faiss.downcast_index(index.index).k_factor = float(k_factor)
+    folder = Path(folder) if folder else store.path / "index" / kind
+    folder.mkdir(parents=True, exist_ok=True)
+    save_shard(index, folder / TEMPLATE)
+    return {"factory": spec, "trained_on": int(len(x)), "k_factor": float(k_factor), "file": TEMPLATE}
 
 
 def train_template(store: Store, kind: str, nlist: int | None = None, codec: str = "flat",
@@ -82,24 +118,37 @@ def train_template(store: Store, kind: str, nlist: int | None = None, codec: str
     return {"nlist": nlist, "trained_on": int(len(x)), "codec": codec, "file": TEMPLATE}
 
 
-def add_shard(store: Store, kind: str, shard: int, start: int, stop: int, template: str, index_dir: str) -> dict:
-    """A copy of the trained ``template`` with rows [start, stop) of ``kind`` added, saved as shard
-    ``shard`` of ``STORE/index_dir/kind`` (a Dask task)."""
+def template_kind(index) -> str:
+    """"pq" for a trained pq template, else "ivf"."""
+    import faiss
+
+    return "pq" if isinstance(index, faiss.IndexIDMap) else "ivf"
+
+
+def add_shard(store: Store, kind: str, shard: int, start: int, stop: int, template: str | None, index_dir: str,
+              index_type: str | None = None) -> dict:
+    """A copy of the trained ``template`` (IVF or pq) with rows [start, stop) of ``kind`` added, or with no
+    template a new shard of ``index_type`` (flat, flat16), saved as shard ``shard`` of
+    ``STORE/index_dir/kind`` (a Dask task)."""
     from rmac.storage.index import build_shard, load_shard, save_shard, shard_entry, shard_file
 
-    index = build_shard(store.arrays[kind][start:stop], start, kind="ivf", valid=store.valid_rows(range(start, stop)),
-                        template=load_shard(template))
+    t = load_shard(template) if template else None
+    index_type = template_kind(t) if t is not None else index_type
+    index = build_shard(store.arrays[kind][start:stop], start, kind=index_type,
+                        valid=store.valid_rows(range(start, stop)), template=t)
     folder = store.path / index_dir / kind
     folder.mkdir(parents=True, exist_ok=True)
     save_shard(index, folder / shard_file(shard))
-    return shard_entry(index, shard_file(shard), start, stop, "ivf")
+    return shard_entry(index, shard_file(shard), start, stop, index_type)
 
 
-def build_ivf(client, store: Store, kind: str, template: str, ranges: list[tuple[int, int]],
-              index_dir: str, meta: dict) -> None:
-    """Every shard of ``store`` added to ``template`` in parallel, then the folder's manifest."""
+def build_ivf(client, store: Store, kind: str, template: str | None, ranges: list[tuple[int, int]],
+              index_dir: str, meta: dict, index_type: str | None = None) -> None:
+    """Every shard of ``store`` added to ``template`` (or built as ``index_type``) in parallel, then the
+    folder's manifest."""
     from rmac.storage.index import write_manifest
 
-    futures = [client.submit(add_shard, store, kind, i, a, b, template, index_dir, pure=False, retries=2)
+    futures = [client.submit(add_shard, store, kind, i, a, b, template, index_dir, index_type, pure=False,
+                             retries=2)
                for i, (a, b) in enumerate(ranges)]
     write_manifest(store.path / index_dir / kind, client.gather(futures), meta)

@@ -59,6 +59,7 @@ class SearchParams:
     L: int = 3
     exact: bool = False  # float integral images instead of the LUT path
     nprobe: int | None = None  # IVF lists probed per shard (None: the shard's own)
+    k_factor: float | None = None  # pq shards: candidates re-scored per result (None: the shard's own)
     # Multi-scale localisation (an extension; (1.0,) is the paper): the query is also described at
     # these scales (`QueryVectors.scale_macs`), AML runs once per scale on each short-listed map and
     # the window whose `scale_pick` score is best is kept: "aml" its AML cosine with the MAC of the
@@ -244,14 +245,15 @@ class Database:
             self._indexes[kind] = [ShardedIndex(s.path / "index" / kind) for s in self.stores]
         return self._indexes[kind]
 
-    def filter(self, kind: str, q: np.ndarray, k: int, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def filter(self, kind: str, q: np.ndarray, k: int, nprobe: int | None = None,
+               k_factor: float | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top ``k`` (scores, global rows) of every query row of ``q`` by cosine, best first."""
         q = np.atleast_2d(q).astype(np.float32)
         if self.scattered is not None:
-            return self.scattered.search(kind, q, k, nprobe)
+            return self.scattered.search(kind, q, k, nprobe, k_factor)
         parts_s, parts_i = [], []
         for index, off in zip(self.index(kind), self.offsets):
-            s, i = index.search(q, min(k, index.ntotal) if index.ntotal else 1, nprobe=nprobe)
+            s, i = index.search(q, min(k, index.ntotal) if index.ntotal else 1, nprobe=nprobe, k_factor=k_factor)
             parts_s.append(np.where(i >= 0, s, -np.inf))
             parts_i.append(np.where(i >= 0, i + off, -1))
         scores, ids = np.concatenate(parts_s, 1), np.concatenate(parts_i, 1)
@@ -517,7 +519,7 @@ def answer(db: Database, client, qv: QueryVectors, params: SearchParams, whiteni
     qf = qv.rmac if params.filter == "rmac" else qv.macw
     timings = {}
     t = time.perf_counter()
-    scores, rows = db.filter(kind, qf, max(k or 0, params.top_n), params.nprobe)
+    scores, rows = db.filter(kind, qf, max(k or 0, params.top_n), params.nprobe, params.k_factor)
     valid = rows[0] >= 0
     scores, rows = scores[0][valid], rows[0][valid]
     timings["filter_s"] = time.perf_counter() - t
@@ -604,7 +606,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rerank", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--qe", type=nonnegative_int, default=5, help="query expansion with the top QE (0: off)")
     parser.add_argument("--filter", choices=("rmac", "mac"), default="rmac")
-    parser.add_argument("--nprobe", type=positive_int, help="IVF lists probed per shard (indexes built with --ivf)")
+    add_filter_arguments(parser)
     add_query_scales_argument(parser)
     parser.add_argument("--show", type=positive_int, default=20,
                         help="hits printed / drawn / written per query (default %(default)s)")
@@ -623,6 +625,16 @@ QUERY_SCALES_HELP = (
     "self-paste views (docs/benchmarks.md, issue 8): IoU 0.38 -> 0.43, rmac+aml mAP 75.8 -> 80.8")
 
 
+def add_filter_arguments(parser: argparse.ArgumentParser) -> None:
+    """The approximate filtering indexes' per-query settings (`rmac index --ivf / --pq`)."""
+    from rmac.workflows.args import float_range, positive_int
+
+    parser.add_argument("--nprobe", type=positive_int, help="IVF lists probed per shard (indexes built with --ivf)")
+    parser.add_argument("--k-factor", type=float_range(1, 1000), metavar="F",
+                        help="indexes built with --pq: the fast-scan stage keeps F x top-n candidates, re-scored "
+                             "with the 8-bit vectors (default: the index's, 2)")
+
+
 def add_query_scales_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--query-scales", type=query_scales, default=(1.0,), metavar="S1,S2,...",
                         help=QUERY_SCALES_HELP)
@@ -630,7 +642,8 @@ def add_query_scales_argument(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace, client) -> int:
     params = SearchParams(top_n=args.top_n, rerank=args.rerank, qe=args.qe if args.rerank else 0,
-                          filter=args.filter, nprobe=args.nprobe, query_scales=args.query_scales)
+                          filter=args.filter, nprobe=args.nprobe, k_factor=args.k_factor,
+                          query_scales=args.query_scales)
     if args.queries or args.query is None:
         return _main_batch(args, client, params)
     result = search([args.store, *args.distractors], client, args.query, args.bbox, params,

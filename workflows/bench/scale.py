@@ -4,8 +4,9 @@ One run, side by side: build time per stage and the peak resident memory of ever
 scheduler, each worker: ``VmHWM`` from /proc, reset before each stage by ``/proc/self/clear_refs``);
 bytes per image on disk; filtering per query (p50 / p95) exact on the workers that hold the shards,
 exact in the client (the old path; skipped above 200k images, where it would load every shard into
-one process), and IVF at a few ``nprobe`` with its recall@1000 against exact; AML re-ranking of the
-top 1000 read from the store, QE and the end-to-end query time (query extraction included); the
+one process), and the approximate indexes (pq at a few ``k_factor``, IVF at a few ``nprobe``; flat16
+on request) with their recall@1000 against exact, each also timed inside the workers (FAISS alone,
+without Dask's round trip); AML re-ranking of the top 1000 read from the store, QE and the end-to-end query time (query extraction included); the
 similarity of the real queries to real distractor photos against synthetic distractors (quantiles of
 MAC, R-MAC and the AML score); and a last line ``SCALE key=value ...`` for scripts.
 
@@ -31,6 +32,8 @@ from rmac.workflows.bench.machine import machine
 
 CLIENT_SIDE_LIMIT = 200_000
 NPROBES = (8, 32, 128)
+K_FACTORS = (1, 2, 4)
+APPROXIMATE = ("pq", "ivf")  # `rmac index --index-type`s measured against exact (flat16 may be added)
 QUANTILES = (0.5, 0.9, 0.99, 1.0)
 
 
@@ -107,16 +110,36 @@ def pct(xs: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(xs, np.float64), q)) if xs else float("nan")
 
 
-def time_filter(db, kind: str, queries: np.ndarray, k: int, nprobe=None, repeat: int = 3):
+def time_filter(db, kind: str, queries: np.ndarray, k: int, nprobe=None, repeat: int = 3, k_factor=None):
     """Per-query filtering times (s) and the last top-k rows of each query."""
     times, rows = [], []
     for qrow in queries:
         for _ in range(repeat):
             t = time.perf_counter()
-            _, r = db.filter(kind, qrow[None], k, nprobe)
+            _, r = db.filter(kind, qrow[None], k, nprobe, k_factor)
             times.append(time.perf_counter() - t)
         rows.append(r[0])
     return times, np.stack(rows)
+
+
+def time_in_workers(filt, kind: str, queries: np.ndarray, k: int, nprobe=None, k_factor=None) -> list[float]:
+    """Per-query FAISS time inside the workers, without Dask's round trip: each worker times its own
+    shards' search of every query (in parallel); a query costs the slowest worker's time."""
+    from distributed import wait
+
+    from rmac.workflows.filtering import search_held
+
+    def timed(refs, q):
+        out = []
+        for row in q:
+            t = time.perf_counter()
+            search_held(refs, row[None], k, nprobe, k_factor)
+            out.append(time.perf_counter() - t)
+        return out
+
+    futures = [filt.client.submit(timed, refs, queries, workers=[w], pure=False) for w, refs in filt.plan(kind).items()]
+    wait(futures)
+    return np.max([f.result() for f in futures], axis=0).tolist()
 
 
 def recall_at(found: np.ndarray, exact: np.ndarray) -> float:
@@ -133,7 +156,8 @@ def quantile_row(x: np.ndarray) -> list[float]:
 def bench_scale(count: int, workdir: str | None = None, keep: bool = False, n_workers: int | None = None,
                 scheduler: str | None = None, max_size: int = 1024, shard_rows: int = 100_000,
                 top_n: int = 1000, n_queries: int | None = None, nprobes=NPROBES, seed: int = 0,
-                similarity_sample: int = 2000, progress: bool = False) -> dict:
+                similarity_sample: int = 2000, progress: bool = False, approximate=APPROXIMATE,
+                k_factors=K_FACTORS) -> dict:
     from rmac.ops import whitening as wh  # noqa: F401  (workers unpickle whitening objects)
     from rmac.storage.datasets import load_dataset
     from rmac.storage.store import Store
@@ -142,7 +166,7 @@ def bench_scale(count: int, workdir: str | None = None, keep: bool = False, n_wo
     from rmac.workflows.evaluate import whitening_subset
     from rmac.workflows.extract import ModelChoice, extract
     from rmac.workflows.index import build_index, load_whitenings, shard_ranges
-    from rmac.workflows.ivf import TEMPLATE, build_ivf, train_template
+    from rmac.workflows.ivf import TEMPLATE, build_ivf, train_pq_template, train_template
     from rmac.workflows.search import (Database, SearchParams, answer, query_maps, query_vectors,
                                        rerank_many)
 
@@ -169,7 +193,7 @@ def bench_scale(count: int, workdir: str | None = None, keep: bool = False, n_wo
             peaks.read("dev extract+index")
             w = load_whitenings(dev)
             per_image = (tree_bytes(dev.path / "arrays") + tree_bytes(dev.path / "index")) / dev.n_images
-            per_image *= 1.6  # + the IVF shards (about the exact shards' size again, less the maps)
+            per_image *= 1.6  # + the approximate shards (R-MAC only; at most the exact shards' size again)
             need = bytes_needed(per_image, count)
             if not (root / "distractors" / "manifest.json").exists():
                 check_disk(root, need, count)
@@ -189,24 +213,30 @@ def bench_scale(count: int, workdir: str | None = None, keep: bool = False, n_wo
             stages.update({f"index_{k}": v for k, v in info["timings"].items() if k != "whitening_s"})
             peaks.read("index (vectors + exact shards)")
 
-            # 3. IVF over both stores: one k-means on a sample of the distractors, shards added in parallel
-            peaks.reset()
-            t = time.perf_counter()
-            ivf_meta = {}
-            for kind in ("rmac", "macw"):
-                folder = d.path / "index-ivf" / kind
-                ivf_meta[kind] = client.submit(train_template, d, kind, None, "flat", seed, str(folder),
-                                               pure=False).result()
-            stages["ivf_train_s"] = time.perf_counter() - t
-            t = time.perf_counter()
-            for kind in ("rmac", "macw"):
-                template = str(d.path / "index-ivf" / kind / TEMPLATE)
+            # 3. approximate indexes of the R-MAC vectors (the only kind the queries below filter by) over
+            # both stores: trained once on a sample of the distractors (IVF: k-means; pq: codebooks), shards
+            # added in parallel; flat16 needs no training
+            out["approximate"] = {}
+            for itype in approximate:
+                peaks.reset()
+                folder = d.path / f"index-{itype}" / "rmac"
+                t = time.perf_counter()
+                meta = {"index_type": itype}
+                if itype == "ivf":
+                    meta.update(client.submit(train_template, d, "rmac", None, "flat", seed, str(folder),
+                                              pure=False).result())
+                elif itype == "pq":
+                    meta.update(client.submit(train_pq_template, d, "rmac", None, seed, str(folder),
+                                              pure=False).result())
+                stages[f"{itype}_train_s"] = time.perf_counter() - t
+                t = time.perf_counter()
+                template = str(folder / TEMPLATE) if itype in ("ivf", "pq") else None
                 for st in (dev, d):
-                    build_ivf(client, st, kind, template, shard_ranges(st, shard_rows), "index-ivf",
-                              {"vectors": kind, "ivf": ivf_meta[kind]})
-            stages["ivf_add_s"] = time.perf_counter() - t
-            peaks.read("IVF train + add")
-            out["ivf"] = ivf_meta["rmac"]
+                    build_ivf(client, st, "rmac", template, shard_ranges(st, shard_rows), f"index-{itype}",
+                              {"vectors": "rmac", itype: meta}, index_type=itype)
+                stages[f"{itype}_add_s"] = time.perf_counter() - t
+                peaks.read(f"{itype} train + add")
+                out["approximate"][itype] = meta
 
             # 4. disk
             n_total = dev.n_images + d.n_images
@@ -214,7 +244,8 @@ def bench_scale(count: int, workdir: str | None = None, keep: bool = False, n_wo
                 "maps_per_image": round(d.map_bytes() / count),
                 "store_per_image": round(tree_bytes(d.path / "arrays") / count),
                 "exact_index_per_image": round(tree_bytes(d.path / "index") / count),
-                "ivf_index_per_image": round(tree_bytes(d.path / "index-ivf") / count),
+                **{f"{itype}_index_per_image": round(tree_bytes(d.path / f"index-{itype}") / count)
+                   for itype in approximate},
                 "total_gib": round((tree_bytes(d.path) + tree_bytes(dev.path)) / 2**30, 3),
             }
             out["bytes"]["per_image"] = round(tree_bytes(d.path) / count)
@@ -235,13 +266,15 @@ def bench_scale(count: int, workdir: str | None = None, keep: bool = False, n_wo
             out["queries"] = len(qvs)
             out["db_images"] = n_total
 
-            # 6. filtering: exact on the workers, exact in the client, IVF
+            # 6. filtering: exact on the workers, exact in the client, the approximate indexes
             peaks.reset()
             filt = {}
             db = Database([dev, d]).scatter_filtering(client)
             db.scattered.warm("rmac")  # R-MAC filtering only: the workers hold no MAC shard
             times, exact = time_filter(db, "rmac", Q, top_n)
-            filt["exact_workers"] = {"p50_ms": 1e3 * pct(times, 50), "p95_ms": 1e3 * pct(times, 95)}
+            inside = time_in_workers(db.scattered, "rmac", Q, top_n)
+            filt["exact_workers"] = {"p50_ms": 1e3 * pct(times, 50), "p95_ms": 1e3 * pct(times, 95),
+                                     "in_workers_p50_ms": 1e3 * pct(inside, 50)}
             if n_total <= CLIENT_SIDE_LIMIT:
                 db_client = Database([Store(dev.path), Store(d.path)])
                 db_client.filter("rmac", Q[:1], top_n)  # load the shards
@@ -251,18 +284,24 @@ def bench_scale(count: int, workdir: str | None = None, keep: bool = False, n_wo
             from rmac.workflows.filtering import ScatteredFilter, release_held
 
             peaks.read("filtering exact (exact shards held by workers)")
-            client.run(release_held)  # at 1M the exact and IVF shards would not both fit
-            peaks.reset()
-            ivf_db = Database([dev, d])
-            ivf_db.scattered = ScatteredFilter(client, [dev.path, d.path], ivf_db.offsets[:-1].tolist(), "index-ivf")
-            ivf_db.scattered.warm("rmac")
-            for nprobe in nprobes:
-                times, found = time_filter(ivf_db, "rmac", Q, top_n, nprobe)
-                filt[f"ivf_nprobe{nprobe}"] = {"p50_ms": 1e3 * pct(times, 50), "p95_ms": 1e3 * pct(times, 95),
-                                               f"recall@{top_n}": recall_at(found, exact)}
+            client.run(release_held)  # at 1M the exact and approximate shards would not all fit
+            for itype in approximate:
+                peaks.reset()
+                adb = Database([dev, d])
+                adb.scattered = ScatteredFilter(client, [dev.path, d.path], adb.offsets[:-1].tolist(),
+                                                f"index-{itype}")
+                adb.scattered.warm("rmac")
+                settings = {"ivf": [(f"ivf_nprobe{n}", n, None) for n in nprobes],
+                            "pq": [(f"pq_k{kf:g}", None, kf) for kf in k_factors]}.get(itype, [(itype, None, None)])
+                for name, nprobe, kf in settings:
+                    times, found = time_filter(adb, "rmac", Q, top_n, nprobe, k_factor=kf)
+                    inside = time_in_workers(adb.scattered, "rmac", Q, top_n, nprobe, kf)
+                    filt[name] = {"p50_ms": 1e3 * pct(times, 50), "p95_ms": 1e3 * pct(times, 95),
+                                  "in_workers_p50_ms": 1e3 * pct(inside, 50),
+                                  f"recall@{top_n}": recall_at(found, exact)}
+                peaks.read(f"filtering {itype} (shards held by workers)")
+                client.run(release_held)
             out["filtering"] = {k: {a: round(b, 4) for a, b in v.items()} for k, v in filt.items()}
-            peaks.read("filtering IVF (IVF shards held by workers)")
-            client.run(release_held)
 
             # 7. re-ranking of the top N read from the store, QE, end to end
             peaks.reset()
@@ -327,10 +366,13 @@ def print_report(res: dict) -> None:
         print(f"  {stage:<38} " + "  ".join(f"{p} {v:.0f}" for p, v in procs.items()))
     b = res["bytes"]
     print(f"disk: {b['per_image']} B per distractor (maps {b['maps_per_image']}, store {b['store_per_image']}, "
-          f"exact index {b['exact_index_per_image']}, IVF index {b['ivf_index_per_image']}); total "
-          f"{b['total_gib']} GiB")
-    print(f"filtering per query (top {res['top_n']}), IVF nlist {res['ivf']['nlist']} trained on "
-          f"{res['ivf']['trained_on']}:")
+          f"exact index {b['exact_index_per_image']}"
+          + "".join(f", {k.split('_')[0]} index {v}" for k, v in b.items()
+                    if k.endswith("_index_per_image") and not k.startswith("exact"))
+          + f"); total {b['total_gib']} GiB")
+    print(f"filtering per query (top {res['top_n']}); approximate indexes (R-MAC only): "
+          + "; ".join(f"{t}: " + ", ".join(f"{a} {v}" for a, v in m.items() if a not in ("file", "index_type"))
+                      for t, m in res.get("approximate", {}).items()))
     for k, v in res["filtering"].items():
         print(f"  {k:<16} " + "  ".join(f"{a} {c}" for a, c in v.items()))
     print("query (s, p50 / p95): " + "  ".join(f"{k} {v['p50']}/{v['p95']}" for k, v in res["query"].items()))
@@ -342,18 +384,28 @@ def print_report(res: dict) -> None:
     print(summary_line(res))
 
 
+def approximate_entries(filtering: dict, top_n: int = 1000) -> list[tuple[str, dict]]:
+    """The filtering rows measured against exact (IVF, pq, flat16 settings)."""
+    return [(k, v) for k, v in filtering.items() if not k.startswith("exact") and f"recall@{top_n}" in v]
+
+
+def best_approximate(filtering: dict, top_n: int = 1000, target: float = 0.95) -> tuple[str, dict]:
+    """The fastest setting with recall >= ``target``, else the one with the best recall."""
+    rows = approximate_entries(filtering, top_n)
+    ok = [(k, v) for k, v in rows if v[f"recall@{top_n}"] >= target]
+    return min(ok, key=lambda kv: kv[1]["p50_ms"]) if ok else max(rows, key=lambda kv: kv[1][f"recall@{top_n}"])
+
+
 def summary_line(res: dict) -> str:
     f = res["filtering"]
-    ivf = [(k, v) for k, v in f.items() if k.startswith("ivf_")]
-    ok = [(k, v) for k, v in ivf if v[f"recall@{res['top_n']}"] >= 0.95]
-    best_k, best = min(ok, key=lambda kv: kv[1]["p50_ms"]) if ok else max(ivf, key=lambda kv: kv[1][f"recall@{res['top_n']}"])
+    best_k, best = best_approximate(f, res["top_n"])
     peak = max(v for procs in res["peak_rss_mib"].values() for v in procs.values())
     build = sum(v for k, v in res["stages_s"].items() if k != "dev_extract_index_s")
     rkey = f"recall@{res['top_n']}"
     return (f"SCALE n={res['db_images']} build_s={build:.1f} bytes_per_image={res['bytes']['per_image']} "
             f"exact_p50_ms={f['exact_workers']['p50_ms']:.2f} exact_p95_ms={f['exact_workers']['p95_ms']:.2f} "
             + (f"client_p50_ms={f['exact_client']['p50_ms']:.2f} " if "exact_client" in f else "")
-            + f"ivf={best_k} ivf_p50_ms={best['p50_ms']:.2f} ivf_recall={best[rkey]:.4f} "
+            + f"approx={best_k} approx_p50_ms={best['p50_ms']:.2f} approx_recall={best[rkey]:.4f} "
             f"rerank_p50_s={res['query']['rerank_s']['p50']} qe_p50_s={res['query']['qe_s']['p50']} "
             f"e2e_p50_s={res['query']['end_to_end_s']['p50']} e2e_p95_s={res['query']['end_to_end_s']['p95']} "
             f"peak_rss_max_mib={peak:.0f}")
@@ -372,6 +424,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-n", type=int, default=1000)
     p.add_argument("--queries", type=int, help="use the first QUERIES dev queries (default all)")
     p.add_argument("--nprobe", type=int, nargs="+", default=list(NPROBES), help="IVF nprobe values to measure")
+    p.add_argument("--k-factor", type=float, nargs="+", default=list(K_FACTORS),
+                   help="pq k-factors to measure (default %(default)s)")
+    p.add_argument("--approximate", nargs="*", choices=("pq", "ivf", "flat16"), default=list(APPROXIMATE),
+                   help="approximate indexes measured against exact (default %(default)s; none: skip)")
     p.add_argument("--similarity-sample", type=positive_int, default=2000,
                    help="synthetic distractors compared with the real ones (default %(default)s)")
     p.add_argument("--json", dest="json_out", help="also write the figures to this JSON file")
@@ -388,7 +444,8 @@ def main(args: argparse.Namespace) -> int:
     if args.count is not None:
         res = bench_scale(args.count, args.workdir, args.keep, args.workers, args.scheduler, args.max_size,
                           args.shard_rows, args.top_n, args.queries, tuple(args.nprobe),
-                          similarity_sample=args.similarity_sample, progress=False)
+                          similarity_sample=args.similarity_sample, progress=False,
+                          approximate=tuple(args.approximate), k_factors=tuple(args.k_factor))
         print_report(res)
         if args.json_out:
             Path(args.json_out).write_text(json.dumps(res, indent=1))
@@ -410,10 +467,10 @@ def plot_curve(runs: list[dict], png: str) -> None:
     runs = sorted(runs, key=lambda r: r["db_images"])
     n = [r["db_images"] for r in runs]
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    best_ivf = [max((v for k, v in r["filtering"].items() if k.startswith("ivf")), key=lambda v: v["recall@1000"])
-                for r in runs]
+    best = [best_approximate(r["filtering"])[1] for r in runs]
     for label, ys in (("filtering, exact on the workers (p50)", [r["filtering"]["exact_workers"]["p50_ms"] / 1e3 for r in runs]),
-                      ("filtering, IVF at its best recall (p50)", [v["p50_ms"] / 1e3 for v in best_ivf]),
+                      ("filtering, approximate: fastest at recall >= 0.95, else best recall (p50)",
+                       [v["p50_ms"] / 1e3 for v in best]),
                       ("AML re-ranking of the top 1000 (p50)", [r["query"]["rerank_s"]["p50"] for r in runs]),
                       ("end to end (p50)", [r["query"]["end_to_end_s"]["p50"] for r in runs])):
         a.plot(n, ys, "o-", label=label)
