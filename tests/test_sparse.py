@@ -137,6 +137,15 @@ def test_frames_array_reads_only_the_selected_frames_and_zarr_sees_the_same_byte
         M.read_partition(arrays, 0, [1])
 
 
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 300_000), st.integers(1, 19), st.booleans())  # numcodecs cannot decode an empty frame: never written
+def test_frame_content_size_is_what_the_frame_decompresses_to(n, level, noise):
+    data = np.random.default_rng(n).integers(0, 256 if noise else 3, n).astype(np.uint8).tobytes()
+    frame = Zstd(level=level).encode(data)
+    assert M._content_size(frame) == len(Zstd().decode(frame)) == n
+    assert M._content_size(b"PK\x03\x04" + frame[4:]) is None and M._content_size(frame[:4]) is None
+
+
 def test_frames_corrupt_or_truncated_raise_corrupt_maps(tmp_path):
     maps, ihw = _partition(6)
     buf, attrs = M.encode_maps(maps)
