@@ -25,8 +25,10 @@ The earlier layout (`JOINT_ENCODING`, still read: format-2 stores written before
 ``[positions of image 0][positions of image 1]...[levels of image 0][levels of image 1]...`` in one
 chunk compressed by Zarr (bytes + zstd 9), so reading one map decompressed the whole partition.
 Measured on the 186 dev photos (EfficientNet-Lite0, 1024 px, 31 levels; `docs/benchmarks.md`, issue 9
-and issue 12 "Per-image frames"): 13.3 kB per image in one partition-wide zstd stream, 13.5 kB in
-per-image frames; cell-major order, or channel/cell indices instead of gaps, compress 20-45 % worse.
+and issue 12 "Per-image frames"): 13.9 kB per image in per-image frames, 13.3 kB in one partition-wide
+stream (+4 %, the price of reading one map without decompressing its partition: a re-ranking read of
+1000 rows spread over 100k images took half the time); cell-major order, or channel/cell indices
+instead of gaps, compress 20-45 % worse.
 
 Decoding (`decode_partition`, numba) goes straight to `rmac.ops.integral.SparseMaps`, the form the
 re-ranking kernel reads (non-zeros sorted by cell, compact channel ids): two passes over the varints,
@@ -56,7 +58,7 @@ from zarr.codecs import ZstdCodec
 from rmac.ops.integral import SparseMaps
 
 # zstd 9: 13.3 kB per dev image against 14.1 kB at level 3 and 12.7 at 19 (whose encoding takes ~0.3 s per
-# partition); decoding speed does not depend on the level.
+# partition), measured on the joint layout; decoding speed does not depend on the level.
 ZSTD_LEVEL = 9
 _ZSTD_WRITE = Zstd(level=ZSTD_LEVEL)
 _ZSTD = Zstd()  # decoding only: the level is the writer's

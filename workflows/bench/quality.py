@@ -34,7 +34,8 @@ the strong responses, which decide max-pooling, round afresh. The spread of thei
 float-vs-quantised difference that is chance (which values happened to round which way), not cost.
 
 Bytes per image: every map quantised at each level count and stored as the store stores it (the
-sparse codes of `rmac.storage.maps`, one zstd chunk per partition of 16) into an in-memory Zarr store; plus the same for a 256-channel subset (AlexNet's conv5
+sparse codes of `rmac.storage.maps`, one zstd frame per image, partitions of 16); plus the same for a
+256-channel subset (AlexNet's conv5
 has 256 channels; the paper stores ~32 kB per 1024 x 768 image: 30 x 22 cells x 256 channels, 81% zeros,
 8 values, ~1 byte per non-zero).
 """
