@@ -1,21 +1,33 @@
 """The stored form of the quantised activation maps: per partition, only each image's valid cells and
 only its non-zeros (store format 2).
 
-One Zarr array per partition, ``arrays/maps/p000123``: 1-D uint8, one zstd-compressed chunk, holding
+One Zarr array per partition, ``arrays/maps/p000123``: 1-D uint8, one chunk, **no Zarr compressor**
+(encoding `FRAMES_ENCODING`), holding one zstd frame (level 9) per image, concatenated:
 
-    [positions of image 0][positions of image 1]...[levels of image 0][levels of image 1]...
+    [zstd([positions of image 0][levels of image 0])][zstd([positions of image 1][levels of image 1])]...
+
+Zarr is only the container (checksums, `rmac verify` and Zarr reads see the stored bytes); the
+compression is per image so that a reader that needs a few maps of a partition (a re-ranking short-list
+spread over a large store needs about one per partition) reads and decompresses only their frames.
 
 An image's non-zeros are taken in the order of its ``(K, h, w)`` map (channel-major, then row-major
 cells; ``h x w`` the valid cells only). Positions are delta-coded: the gap to the previous non-zero's
 flat index, minus one, as an LEB128 varint (7 bits a byte, so most gaps take one byte; a silent channel
 is just a longer gap). Levels are one byte each (``1..levels``). The array's attributes say where each
-image's part is: ``map_hw`` ``[[h, w], ...]``, ``nnz`` (non-zeros per image), ``gap_bytes`` (bytes of
-its positions), ``channels`` K; and ``image_hw`` (a copy of the rows of the ``image_hw`` array, written in
-the same call) so that one read gives a re-ranking task all it needs, pixel boxes included. A failed
-image has ``h = w = nnz = 0``.
+image's part is: ``frame_bytes`` (compressed bytes of its frame; frames follow each other), ``map_hw``
+``[[h, w], ...]``, ``nnz`` (non-zeros per image), ``gap_bytes`` (bytes of its positions: a frame
+decompresses to ``gap_bytes + nnz`` bytes), ``channels`` K, ``length`` (bytes of all frames); and
+``image_hw`` (a copy of the rows of the ``image_hw`` array, written in the same call) so that one read
+gives a re-ranking task all it needs, pixel boxes included. A failed image (and a map without any
+non-zero) has ``nnz = 0`` and an empty frame of 0 bytes; a failed one also ``h = w = 0``.
 
-Measured on the 186 dev photos (EfficientNet-Lite0, 1024 px, 31 levels; `docs/benchmarks.md`, issue 9):
-13.3 kB per image (the dense padded shards took 22.7 kB); cell-major order, or channel/cell indices
+The earlier layout (`JOINT_ENCODING`, still read: format-2 stores written before per-image frames) put
+``[positions of image 0][positions of image 1]...[levels of image 0][levels of image 1]...`` in one
+chunk compressed by Zarr (bytes + zstd 9), so reading one map decompressed the whole partition.
+Measured on the 186 dev photos (EfficientNet-Lite0, 1024 px, 31 levels; `docs/benchmarks.md`, issue 9
+and issue 12 "Per-image frames"): 13.9 kB per image in per-image frames, 13.3 kB in one partition-wide
+stream (+4 %, the price of reading one map without decompressing its partition: a re-ranking read of
+1000 rows spread over 100k images took half the time); cell-major order, or channel/cell indices
 instead of gaps, compress 20-45 % worse.
 
 Decoding (`decode_partition`, numba) goes straight to `rmac.ops.integral.SparseMaps`, the form the
@@ -25,7 +37,8 @@ the second placing each non-zero at its cell's cursor. No dense or padded interm
 Writers call `write_partition_maps(arrays_path, p, maps, image_hw)` with the quantised maps of the
 partition's images (a list of uint8 ``(K, h, w)``, ``None`` or a ``(K, 0, 0)`` array for a failed image)
 and their image sizes; `rmac.storage.store.Store.write_partition` does. Readers: `read_partition(arrays_path,
-p)` -> `PartitionMaps`; `PartitionCache` keeps decoded partitions per worker process.
+p, select=None)` -> `PartitionMaps` (with ``select``, only those frames are read from the chunk file);
+`PartitionCache` keeps decoded partitions per worker process.
 """
 from __future__ import annotations
 
@@ -45,10 +58,16 @@ from zarr.codecs import ZstdCodec
 from rmac.ops.integral import SparseMaps
 
 # zstd 9: 13.3 kB per dev image against 14.1 kB at level 3 and 12.7 at 19 (whose encoding takes ~0.3 s per
-# partition); decoding speed does not depend on the level.
-CODES_CODEC = ZstdCodec(level=9)
+# partition), measured on the joint layout; decoding speed does not depend on the level.
+ZSTD_LEVEL = 9
+_ZSTD_WRITE = Zstd(level=ZSTD_LEVEL)
 _ZSTD = Zstd()  # decoding only: the level is the writer's
-ENCODING = "channel-major LEB128 gaps, then uint8 levels"
+# The layout before per-image frames: one zstd stream per partition, by Zarr (read, no longer written).
+JOINT_ENCODING = "channel-major LEB128 gaps, then uint8 levels"
+JOINT_CODEC = ZstdCodec(level=ZSTD_LEVEL)
+# What the writers write: one zstd frame per image, the array itself uncompressed.
+FRAMES_ENCODING = "per-image zstd frames of channel-major LEB128 gaps, then uint8 levels"
+ENCODING = FRAMES_ENCODING
 
 
 class PartitionMaps(NamedTuple):
@@ -64,6 +83,19 @@ class PartitionMaps(NamedTuple):
 
 class CorruptMaps(ValueError):
     """Stored map codes that do not decode to the map sizes their attributes give."""
+
+
+class UnknownEncoding(ValueError):
+    """Map codes in an encoding this version of rmac does not know (written by a newer one)."""
+
+
+def check_encoding(attrs: dict, where: str = "map codes") -> str:
+    """The ``encoding`` attribute of a maps array, if this rmac can read it; else `UnknownEncoding`."""
+    enc = attrs.get("encoding")
+    if enc not in (FRAMES_ENCODING, JOINT_ENCODING):
+        raise UnknownEncoding(f"{where}: unknown encoding {enc!r} (made by a newer rmac? this one reads "
+                              f"{FRAMES_ENCODING!r} and {JOINT_ENCODING!r})")
+    return enc
 
 
 def partition_name(p: int) -> str:
@@ -90,15 +122,17 @@ def _varint(g: np.ndarray) -> np.ndarray:
     return out
 
 
-def encode_maps(maps: Sequence[np.ndarray | None], channels: int | None = None) -> tuple[np.ndarray, dict]:
-    """The partition buffer (uint8) and its attributes for quantised maps ``(K, h, w)`` (None: failed);
-    ``channels`` K (default: the maps')."""
+def _image_codes(maps: Sequence[np.ndarray | None], channels: int | None) -> tuple[list, dict]:
+    """Each image's ``(gaps, levels)`` (uint8; empty for a failed one) and the attributes both encodings
+    share."""
     K = int(channels) if channels is not None else next((int(m.shape[0]) for m in maps if m is not None), 0)
-    gaps, levels, hw, nnz, nbytes = [], [], [], [], []
+    codes, hw, nnz, nbytes = [], [], [], []
+    empty = np.zeros(0, np.uint8)
     for m in maps:
         if m is not None and (np.ndim(m) != 3 or m.shape[0] != K):
             raise ValueError(f"expected uint8 maps (K={K}, h, w), got {m.dtype} {m.shape}")
         if m is None or m.size == 0:
+            codes.append((empty, empty))
             hw.append([0, 0])
             nnz.append(0)
             nbytes.append(0)
@@ -109,15 +143,31 @@ def encode_maps(maps: Sequence[np.ndarray | None], channels: int | None = None) 
         flat = np.ascontiguousarray(m).reshape(-1)
         idx = np.flatnonzero(flat)
         g = _varint(np.diff(idx, prepend=-1) - 1)
-        gaps.append(g)
-        levels.append(flat[idx])
+        codes.append((g, flat[idx]))
         hw.append([int(m.shape[1]), int(m.shape[2])])
         nnz.append(int(idx.size))
         nbytes.append(int(g.size))
-    buf = np.concatenate(gaps + levels) if gaps else np.zeros(0, np.uint8)
-    attrs = {"encoding": ENCODING, "channels": K, "map_hw": hw, "nnz": nnz, "gap_bytes": nbytes,
-             "length": int(buf.size)}
-    return buf.astype(np.uint8, copy=False), attrs
+    return codes, {"channels": K, "map_hw": hw, "nnz": nnz, "gap_bytes": nbytes}
+
+
+def encode_maps(maps: Sequence[np.ndarray | None], channels: int | None = None) -> tuple[np.ndarray, dict]:
+    """The partition buffer (uint8: one zstd frame per image, `FRAMES_ENCODING`) and its attributes for
+    quantised maps ``(K, h, w)`` (None: failed); ``channels`` K (default: the maps'). An image without
+    any non-zero has an empty frame."""
+    codes, attrs = _image_codes(maps, channels)
+    frames = [_ZSTD_WRITE.encode(np.concatenate([g, v]).tobytes()) if len(v) else b"" for g, v in codes]
+    buf = np.frombuffer(b"".join(frames), np.uint8)
+    attrs = {"encoding": FRAMES_ENCODING, **attrs, "frame_bytes": [len(f) for f in frames], "length": int(buf.size)}
+    return buf, attrs
+
+
+def encode_maps_joint(maps: Sequence[np.ndarray | None], channels: int | None = None) -> tuple[np.ndarray, dict]:
+    """The layout before per-image frames (`JOINT_ENCODING`, uncompressed: Zarr compressed the whole
+    partition); no longer written by rmac, kept to test and measure that it still reads."""
+    codes, attrs = _image_codes(maps, channels)
+    parts = [g for g, _ in codes] + [v for _, v in codes]
+    buf = np.concatenate(parts) if parts else np.zeros(0, np.uint8)
+    return buf.astype(np.uint8, copy=False), {"encoding": JOINT_ENCODING, **attrs, "length": int(buf.size)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,30 +239,130 @@ def _decode(codes, gap_start, gap_end, val_start, nnz, map_hw, K, cell_start, nz
     return -1
 
 
-def decode_partition(codes: np.ndarray, attrs: dict, select: np.ndarray | None = None) -> SparseMaps:
-    """`SparseMaps` of every image of a partition from its buffer and attributes (`encode_maps`), or of
-    the images ``select`` only, in that order (each image's codes stand apart: a query that needs one map
-    of a partition decodes one)."""
+def _index(attrs: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """``map_hw`` (n, 2), ``nnz``, ``gap_bytes`` and K from a maps array's attributes, checked."""
     hw = np.asarray(attrs["map_hw"], dtype=np.int64).reshape(-1, 2)
-    nnz = np.asarray(attrs["nnz"], dtype=np.int64)
-    gb = np.asarray(attrs["gap_bytes"], dtype=np.int64)
-    K = int(attrs["channels"])
-    n = len(hw)
-    codes = np.ascontiguousarray(codes[: int(attrs["length"])], dtype=np.uint8)
+    nnz = np.asarray(attrs["nnz"], dtype=np.int64).reshape(-1)
+    gb = np.asarray(attrs["gap_bytes"], dtype=np.int64).reshape(-1)
+    if len(nnz) != len(hw) or len(gb) != len(hw) or (nnz < 0).any() or (gb < 0).any():
+        raise CorruptMaps(f"map code attributes disagree: {len(hw)} map sizes, {len(nnz)} nnz, {len(gb)} gap_bytes")
+    return hw, nnz, gb, int(attrs["channels"])
+
+
+def _selection(select: np.ndarray | None, n: int) -> np.ndarray | None:
+    if select is None:
+        return None
+    select = np.asarray(select, dtype=np.int64).reshape(-1)
+    if (select < 0).any() or (select >= n).any():
+        raise ValueError(f"select must index the partition's {n} images")
+    return select
+
+
+def frame_offsets(attrs: dict) -> np.ndarray:
+    """Where each image's frame starts in a `FRAMES_ENCODING` array (``n + 1`` offsets, the last
+    ``length``), checked against the attributes."""
+    fb = np.asarray(attrs["frame_bytes"], dtype=np.int64).reshape(-1)
+    n = len(attrs["map_hw"])
+    if len(fb) != n or (fb < 0).any():
+        raise CorruptMaps(f"{len(fb)} frame sizes for {n} images")
+    off = np.concatenate([[0], np.cumsum(fb)]).astype(np.int64)
+    if off[-1] != int(attrs["length"]):
+        raise CorruptMaps(f"frames of {off[-1]} bytes in all where the array's length says {attrs['length']}")
+    return off
+
+
+def decode_partition(codes: np.ndarray, attrs: dict, select: np.ndarray | None = None) -> SparseMaps:
+    """`SparseMaps` of every image of a partition from its stored bytes and attributes (`encode_maps`,
+    or `encode_maps_joint` for arrays written before per-image frames), or of the images ``select`` only,
+    in that order (each image's codes stand apart: a query that needs one map of a partition decodes one;
+    with per-image frames it also decompresses only that one)."""
+    enc = check_encoding(attrs)
+    hw, nnz, gb, K = _index(attrs)
+    select = _selection(select, len(hw))
+    codes = np.asarray(codes, dtype=np.uint8).reshape(-1)
+    length = int(attrs["length"])
+    if len(codes) < length:
+        raise CorruptMaps(f"{len(codes)} bytes of map codes where the array's length says {length}")
+    codes = codes[:length]
+    if enc == FRAMES_ENCODING:
+        off = frame_offsets(attrs)
+        which = range(len(hw)) if select is None else select
+        return decode_frames([codes[off[i]:off[i + 1]] for i in which], attrs, select)
+    # JOINT_ENCODING: all gaps, then all levels, decompressed already (Zarr's codec)
+    codes = np.ascontiguousarray(codes)
     gap_start = np.concatenate([[0], np.cumsum(gb)]).astype(np.int64)
     all_nz = np.concatenate([[0], np.cumsum(nnz)]).astype(np.int64)
-    if len(nnz) != n or len(gb) != n or gap_start[-1] + all_nz[-1] != len(codes):
+    if gap_start[-1] + all_nz[-1] != len(codes):
         raise CorruptMaps(f"map codes of {len(codes)} bytes do not match their index "
                           f"({gap_start[-1]} + {all_nz[-1]} bytes)")
     val_start = gap_start[-1] + all_nz[:-1]
     gap_end = gap_start[1:]
+    gap_start = gap_start[:-1]
     if select is not None:
-        select = np.asarray(select, dtype=np.int64).reshape(-1)
-        if (select < 0).any() or (select >= n).any():
-            raise ValueError(f"select must index the partition's {n} images")
         hw, nnz, gap_start, gap_end, val_start = hw[select], nnz[select], gap_start[select], gap_end[select], \
             val_start[select]
-        n = len(select)
+    return _sparse(codes, hw, nnz, gap_start, gap_end, val_start, K, select)
+
+
+def decode_frames(frames: Sequence, attrs: dict, select: np.ndarray | None = None) -> SparseMaps:
+    """`SparseMaps` of the images ``select`` (all if None) of a `FRAMES_ENCODING` partition from their
+    compressed frames (bytes-like, in the order of ``select``). Each frame must declare, and zstd then
+    holds it to, exactly its image's ``gap_bytes + nnz`` bytes; the frames are decompressed in one call
+    (one zstd context: a call per frame cost ~40 us more per frame)."""
+    hw, nnz, gb, K = _index(attrs)
+    select = _selection(select, len(hw))
+    which = np.arange(len(hw)) if select is None else select
+    if len(frames) != len(which):
+        raise ValueError(f"{len(frames)} frames for {len(which)} images")
+    want = gb[which] + nnz[which]
+    for i, f, size in zip(which, frames, want):
+        got = _content_size(f) if len(f) else 0
+        if got != size:
+            raise CorruptMaps(f"the frame of image {i} of the partition holds {got} bytes, not the {size} its "
+                              f"attributes give")
+    joined = b"".join(frames)
+    try:
+        raw = _ZSTD.decode(joined) if joined else b""
+    except Exception:  # numcodecs raises RuntimeError on a damaged frame: find which, to say so
+        for i, f in zip(which, frames):
+            try:
+                if len(f):
+                    _ZSTD.decode(f)
+            except Exception as e:
+                raise CorruptMaps(f"the frame of image {i} of the partition does not decompress ({e})") from None
+        raise CorruptMaps("the frames of the partition do not decompress together") from None
+    if len(raw) != want.sum():
+        raise CorruptMaps(f"the frames of the partition hold {len(raw)} bytes, not the {want.sum()} their "
+                          f"attributes give")
+    codes = np.frombuffer(raw, np.uint8)
+    gap_start = np.concatenate([[0], np.cumsum(want)[:-1]]).astype(np.int64)
+    gap_end = gap_start + gb[which]
+    return _sparse(codes, hw[which], nnz[which], gap_start, gap_end, gap_end, K, select)
+
+
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+def _content_size(frame) -> int | None:
+    """The decompressed size a zstd frame declares in its header (RFC 8878, 3.1.1.1), None if it declares
+    none or is not a zstd frame. (numcodecs does not expose ZSTD_getFrameContentSize.)"""
+    head = bytes(frame[:18])
+    if len(head) < 5 or head[:4] != _ZSTD_MAGIC:
+        return None
+    fhd = head[4]
+    single = (fhd >> 5) & 1
+    at = 5 + (0 if single else 1) + (0, 1, 2, 4)[fhd & 3]  # window descriptor, dictionary id
+    n = (single, 2, 4, 8)[fhd >> 6]
+    if n == 0 or len(head) < at + n:
+        return None
+    v = int.from_bytes(head[at:at + n], "little")
+    return v + 256 if n == 2 else v
+
+
+def _sparse(codes, hw, nnz, gap_start, gap_end, val_start, K: int, select: np.ndarray | None) -> SparseMaps:
+    """Run `_decode` over ``codes`` for the images whose positions are ``codes[gap_start:gap_end]`` and
+    levels start at ``val_start``; ``select``: their numbers in the partition (for errors)."""
+    n = len(hw)
     nz_start = np.concatenate([[0], np.cumsum(nnz)]).astype(np.int64)
     cells = hw[:, 0] * hw[:, 1]
     cell_start = np.concatenate([[0], np.cumsum(cells)]).astype(np.int64)
@@ -240,17 +390,30 @@ def decode_partition(codes: np.ndarray, attrs: dict, select: np.ndarray | None =
 def write_partition_maps(arrays_path: str | os.PathLike, p: int, maps: Sequence[np.ndarray | None],
                          image_hw: np.ndarray | None = None, channels: int | None = None) -> int:
     """Write partition ``p``'s quantised maps (one uint8 ``(K, h, w)`` per image, None for a failed one)
-    and its images' pixel sizes ``(n, 2)`` as ``arrays/maps/p000123``; returns the bytes before
-    compression. ``channels``: K (needed when every image failed)."""
+    and its images' pixel sizes ``(n, 2)`` as ``arrays/maps/p000123`` (per-image zstd frames in an
+    uncompressed Zarr array); returns the bytes stored. ``channels``: K (needed when every image failed)."""
     buf, attrs = encode_maps(maps, channels)
-    ihw = np.zeros((len(maps), 2), np.int64) if image_hw is None else np.asarray(image_hw, np.int64).reshape(-1, 2)
-    if len(ihw) != len(maps):
-        raise ValueError(f"{len(ihw)} image sizes for {len(maps)} maps")
+    return _write_array(arrays_path, p, buf, attrs, image_hw, len(maps), None)
+
+
+def write_partition_maps_joint(arrays_path: str | os.PathLike, p: int, maps: Sequence[np.ndarray | None],
+                               image_hw: np.ndarray | None = None, channels: int | None = None) -> int:
+    """`write_partition_maps` in the layout before per-image frames (`JOINT_ENCODING`: one stream,
+    compressed by Zarr); rmac no longer writes it: tests and benchmarks use it to check old stores still
+    read. Returns the bytes before compression."""
+    buf, attrs = encode_maps_joint(maps, channels)
+    return _write_array(arrays_path, p, buf, attrs, image_hw, len(maps), JOINT_CODEC)
+
+
+def _write_array(arrays_path, p: int, buf: np.ndarray, attrs: dict, image_hw, n_maps: int, compressor) -> int:
+    ihw = np.zeros((n_maps, 2), np.int64) if image_hw is None else np.asarray(image_hw, np.int64).reshape(-1, 2)
+    if len(ihw) != n_maps:
+        raise ValueError(f"{len(ihw)} image sizes for {n_maps} maps")
     attrs["image_hw"] = ihw.tolist()
     group = zarr.open_group(Path(arrays_path) / "maps", mode="a")
     n = max(1, buf.size)  # a Zarr chunk has at least one element; `length` says how many are real
     arr = group.create_array(partition_name(p), shape=(n,), chunks=(n,), dtype="uint8", fill_value=0,
-                             compressors=CODES_CODEC, overwrite=True, attributes=attrs)
+                             compressors=compressor, overwrite=True, attributes=attrs)
     if buf.size:
         arr[:] = buf
     return int(buf.size)
@@ -262,7 +425,7 @@ def partition_path(arrays_path: str | os.PathLike, p: int) -> Path:
 
 def read_partition(arrays_path: str | os.PathLike, p: int, select: np.ndarray | None = None) -> PartitionMaps:
     """Read and decode every map of partition ``p`` (or the maps ``select``, in that order): its metadata
-    and its one chunk file."""
+    and its one chunk file (with per-image frames and ``select``, only the selected frames' bytes)."""
     path = os.path.join(arrays_path, "maps", partition_name(p))  # strings: a query reads ~1000 of these
     try:
         with open(os.path.join(path, "zarr.json"), "rb") as f:
@@ -270,23 +433,63 @@ def read_partition(arrays_path: str | os.PathLike, p: int, select: np.ndarray | 
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no stored maps for partition {p}") from None
     attrs = meta["attributes"]
+    enc = check_encoding(attrs, path)
     chunk = os.path.join(path, "c", "0")
     if attrs["length"] and not os.path.isfile(chunk):  # Zarr would read zeros
         raise FileNotFoundError(f"{chunk}: the codes of partition {p} are missing")
-    codes = _read_codes(Path(path), meta) if attrs["length"] else np.zeros(0, np.uint8)
     image_hw = np.asarray(attrs["image_hw"], np.int64).reshape(-1, 2)
-    return PartitionMaps(decode_partition(codes, attrs, select), image_hw if select is None else image_hw[select])
+    select = _selection(select, len(image_hw))
+    if enc == FRAMES_ENCODING and _plain_chunk(meta, []):
+        maps = decode_frames(_read_frames(chunk, meta, attrs, select), attrs, select)
+    else:
+        codes = _read_codes(Path(path), meta) if attrs["length"] else np.zeros(0, np.uint8)
+        maps = decode_partition(codes, attrs, select)
+    return PartitionMaps(maps, image_hw if select is None else image_hw[select])
+
+
+def _plain_chunk(meta: dict, compressors: list[str]) -> bool:
+    """Whether the array is one chunk whose file holds its bytes behind just ``compressors``."""
+    codecs = [c.get("name") for c in meta.get("codecs", [])]
+    return (codecs == ["bytes", *compressors] and meta["chunk_grid"]["configuration"]["chunk_shape"] == meta["shape"]
+            and meta.get("data_type") == "uint8")
+
+
+def _read_frames(chunk: str, meta: dict, attrs: dict, select: np.ndarray | None) -> list:
+    """The compressed frames of the images ``select`` (all if None), read from the chunk file of a
+    `FRAMES_ENCODING` array: the whole file, or only the selected frames' byte ranges (one open)."""
+    off = frame_offsets(attrs)
+    which = range(len(off) - 1) if select is None else select
+    if not attrs["length"]:
+        return [b""] * len(which)
+    with open(chunk, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size != meta["shape"][0] or off[-1] > size:
+            raise CorruptMaps(f"{chunk}: {size} bytes where its metadata says {meta['shape'][0]} "
+                              f"(frames of {off[-1]} bytes)")
+        if select is None:
+            buf = memoryview(f.read())
+            frames = [buf[off[i]:off[i + 1]] for i in which]
+        else:
+            fd = f.fileno()
+            frames = [os.pread(fd, int(off[i + 1] - off[i]), int(off[i])) if off[i + 1] > off[i] else b""
+                      for i in which]
+    for i, fr in zip(which, frames):
+        if len(fr) != off[i + 1] - off[i]:
+            raise CorruptMaps(f"{chunk}: the frame of image {i} is cut short")
+    return frames
 
 
 def _read_codes(path: Path, meta: dict) -> np.ndarray:
-    """The codes of one partition array. The layout `write_partition_maps` writes (one chunk, bytes +
-    zstd) is read straight from its chunk file: through Zarr's asynchronous machinery the same read cost
-    ~1.5 ms per partition, five times the file read and the decompression together, and a query's
-    re-ranking reads ~70 partitions. Any other layout goes through Zarr."""
-    codecs = [c.get("name") for c in meta.get("codecs", [])]
-    if codecs == ["bytes", "zstd"] and meta["chunk_grid"]["configuration"]["chunk_shape"] == meta["shape"]:
+    """The stored bytes of one partition array (the codes, for `JOINT_ENCODING` decompressed). The
+    layouts rmac writes (one chunk, bytes + zstd or bytes alone) are read straight from the chunk file:
+    through Zarr's asynchronous machinery the same read cost ~1.5 ms per partition, five times the file
+    read and the decompression together, and a query's re-ranking reads ~70 partitions. Any other layout
+    goes through Zarr."""
+    plain, zstd = _plain_chunk(meta, []), _plain_chunk(meta, ["zstd"])
+    if plain or zstd:
         with open(os.path.join(path, "c", "0"), "rb") as f:
-            raw = np.frombuffer(_ZSTD.decode(f.read()), np.uint8)
+            raw = f.read()
+        raw = np.frombuffer(_ZSTD.decode(raw) if zstd else raw, np.uint8)
         if raw.size != meta["shape"][0]:
             raise CorruptMaps(f"{path}: {raw.size} bytes of codes where its metadata says {meta['shape'][0]}")
         return raw

@@ -545,6 +545,8 @@ class Store:
             if cache is not None:
                 return cache.get(self.path / "arrays", p)
             return _maps.read_partition(self.path / "arrays", p)
+        except _maps.UnknownEncoding as e:  # not damage: a newer rmac wrote it
+            raise StoreError(str(e)) from None
         except Exception as e:  # missing, truncated or corrupt codes: any codec error
             raise StoreError(f"{self.path}: maps of partition {p} unreadable ({type(e).__name__}: {e}): the store "
                              f"is damaged; run `rmac verify {self.path}`") from None

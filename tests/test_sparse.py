@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from numcodecs import Zstd
 
 from rmac.ops import integral as I
 from rmac.ops import rerank as R
@@ -58,6 +59,169 @@ def test_codec_round_trip_and_decoded_form_equals_dense_conversion(args):
     assert some.n_maps == len(sel)
     for j, i in enumerate(sel):
         assert np.array_equal(some.dense(j), sp.dense(int(i)))
+    # one zstd frame per image, each decompressing alone to its gaps and levels; empty for no non-zero
+    assert attrs["encoding"] == M.FRAMES_ENCODING and len(attrs["frame_bytes"]) == len(maps)
+    assert sum(attrs["frame_bytes"]) == attrs["length"] == len(buf)
+    off = np.cumsum([0] + attrs["frame_bytes"])
+    for i, m in enumerate(maps):
+        frame = buf[off[i]:off[i + 1]].tobytes()
+        if m is None or not m.any():
+            assert frame == b""
+        else:
+            flat = m.reshape(-1)
+            raw = np.frombuffer(Zstd().decode(frame), np.uint8)
+            assert len(raw) == attrs["gap_bytes"][i] + attrs["nnz"][i]
+            assert np.array_equal(raw[attrs["gap_bytes"][i]:], flat[flat > 0])
+    # the layout before per-image frames decodes to the same maps, whole or selected
+    jbuf, jattrs = M.encode_maps_joint(maps, K)
+    jattrs = json.loads(json.dumps(jattrs))
+    assert jattrs["encoding"] == M.JOINT_ENCODING and "frame_bytes" not in jattrs
+    assert {k: v for k, v in jattrs.items() if k not in ("encoding", "length")} == \
+        {k: v for k, v in attrs.items() if k not in ("encoding", "length", "frame_bytes")}
+    old = M.decode_partition(jbuf, jattrs)
+    for f in sp._fields[1:]:
+        assert np.array_equal(getattr(old, f), getattr(sp, f)), f
+    old_some = M.decode_partition(jbuf, jattrs, sel)
+    for f in sp._fields[1:]:
+        assert np.array_equal(getattr(old_some, f), getattr(some, f)), f
+
+
+def _partition(seed=5, n=6, K=16):
+    rng = np.random.default_rng(seed)
+    maps = [_q_map(rng, K, *rng.integers(1, 9, 2), 0.8) for _ in range(n)]
+    maps[2] = None  # failed
+    maps[4] = np.zeros((K, 3, 2), np.uint8)  # a map without any response
+    return maps, np.arange(2 * n).reshape(n, 2) * 10
+
+
+def _dense(m, K=16):
+    return np.zeros((K, 0, 0), np.uint8) if m is None else m
+
+
+def test_frames_array_reads_only_the_selected_frames_and_zarr_sees_the_same_bytes(tmp_path):
+    """The maps array holds per-image zstd frames with no Zarr compressor: Zarr reads the very bytes of
+    the chunk file; `read_partition(select=)` reads and decompresses only the selected frames (a frame
+    damaged elsewhere in the partition does not matter to it) and gives the rows of the full decode."""
+    import zarr
+
+    arrays = tmp_path / "arrays"
+    maps, ihw = _partition()
+    stored = M.write_partition_maps(arrays, 0, maps, ihw)
+    path = M.partition_path(arrays, 0)
+    meta = json.loads((path / "zarr.json").read_text())
+    assert [c["name"] for c in meta["codecs"]] == ["bytes"]  # no compressor: the frames are the compression
+    attrs = meta["attributes"]
+    assert attrs["encoding"] == M.FRAMES_ENCODING and attrs["length"] == stored == sum(attrs["frame_bytes"])
+    assert attrs["frame_bytes"][2] == attrs["frame_bytes"][4] == 0 and min(attrs["frame_bytes"][:2]) > 0
+    raw = M.chunk_file(arrays, 0).read_bytes()
+    arr = zarr.open_array(path, mode="r")
+    assert arr[:].tobytes() == raw and len(raw) == stored
+    full = M.read_partition(arrays, 0)
+    assert np.array_equal(M.decode_partition(arr[:], arr.attrs.asdict()).nz_level, full.maps.nz_level)
+    for i, m in enumerate(maps):
+        assert np.array_equal(full.maps.dense(i), _dense(m))
+    sel = np.array([5, 2, 0, 4])
+    some = M.read_partition(arrays, 0, sel)
+    assert some.image_hw.tolist() == ihw[sel].tolist()
+    for j, i in enumerate(sel):
+        assert np.array_equal(some.maps.dense(j), full.maps.dense(i))
+    # damage image 1's frame: the full read fails, a read of other images never touches it
+    off = np.cumsum([0] + attrs["frame_bytes"])
+    bad = bytearray(raw)
+    bad[off[1] + 4:off[2]] = bytes(off[2] - off[1] - 4)
+    M.chunk_file(arrays, 0).write_bytes(bytes(bad))
+    with pytest.raises(M.CorruptMaps, match="image 1"):
+        M.read_partition(arrays, 0)
+    assert np.array_equal(M.read_partition(arrays, 0, [3, 0]).maps.dense(0), maps[3])
+    with pytest.raises(M.CorruptMaps):
+        M.read_partition(arrays, 0, [1])
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 300_000), st.integers(1, 19), st.booleans())  # numcodecs cannot decode an empty frame: never written
+def test_frame_content_size_is_what_the_frame_decompresses_to(n, level, noise):
+    data = np.random.default_rng(n).integers(0, 256 if noise else 3, n).astype(np.uint8).tobytes()
+    frame = Zstd(level=level).encode(data)
+    assert M._content_size(frame) == len(Zstd().decode(frame)) == n
+    assert M._content_size(b"PK\x03\x04" + frame[4:]) is None and M._content_size(frame[:4]) is None
+
+
+def test_frames_corrupt_or_truncated_raise_corrupt_maps(tmp_path):
+    maps, ihw = _partition(6)
+    buf, attrs = M.encode_maps(maps)
+    fb = attrs["frame_bytes"]
+    with pytest.raises(M.CorruptMaps):  # the buffer cut short
+        M.decode_partition(buf[:-3], attrs)
+    with pytest.raises(M.CorruptMaps):  # frame sizes that do not add up to the length
+        M.decode_partition(buf, {**attrs, "frame_bytes": [fb[0] + 1] + fb[1:]})
+    with pytest.raises(M.CorruptMaps):  # two frames swapped: each decompresses, to the other's size
+        a, b = buf[:fb[0]], buf[fb[0]:fb[0] + fb[1]]
+        M.decode_partition(np.concatenate([b, a, buf[fb[0] + fb[1]:]]), {**attrs, "frame_bytes": [fb[1], fb[0]] + fb[2:]})
+    with pytest.raises(M.CorruptMaps):  # a frame where the attributes say an image has none
+        M.decode_partition(buf, {**attrs, "gap_bytes": attrs["gap_bytes"][:4] + [1] + attrs["gap_bytes"][5:]})
+    with pytest.raises(M.CorruptMaps):  # a frame count that is not the image count
+        M.decode_partition(buf, {**attrs, "frame_bytes": fb[:-1]})
+    arrays = tmp_path / "arrays"
+    M.write_partition_maps(arrays, 0, maps, ihw)
+    chunk = M.chunk_file(arrays, 0)
+    chunk.write_bytes(chunk.read_bytes()[:-5])  # a truncated chunk file
+    for sel in (None, [0], [5]):
+        with pytest.raises(M.CorruptMaps, match="bytes where its metadata says"):
+            M.read_partition(arrays, 0, sel)
+
+
+def test_old_joint_arrays_still_read_and_unknown_encodings_are_refused(tmp_path):
+    """An array in the layout before per-image frames (one zstd stream by Zarr) reads as it always did,
+    whole or selected, through the store too; an encoding from a newer rmac is named, not misread."""
+    arrays = tmp_path / "arrays"
+    maps, ihw = _partition(7)
+    M.write_partition_maps_joint(arrays, 0, maps, ihw)
+    M.write_partition_maps(arrays, 1, maps, ihw)
+    meta = json.loads((M.partition_path(arrays, 0) / "zarr.json").read_text())
+    assert [c["name"] for c in meta["codecs"]] == ["bytes", "zstd"]
+    assert meta["attributes"]["encoding"] == M.JOINT_ENCODING
+    old, new = M.read_partition(arrays, 0), M.read_partition(arrays, 1)
+    for f in old.maps._fields[1:]:
+        assert np.array_equal(getattr(old.maps, f), getattr(new.maps, f)), f
+    sel = [5, 0, 3]
+    for j, i in enumerate(sel):
+        assert np.array_equal(M.read_partition(arrays, 0, sel).maps.dense(j), _dense(maps[i]))
+    assert M.PartitionCache(1 << 20).get(arrays, 0).image_hw.tolist() == ihw.tolist()
+    path = M.partition_path(arrays, 1) / "zarr.json"
+    meta = json.loads(path.read_text())
+    meta["attributes"]["encoding"] = "quantum frames v9"
+    path.write_text(json.dumps(meta))
+    with pytest.raises(M.UnknownEncoding, match="newer rmac"):
+        M.read_partition(arrays, 1)
+    with pytest.raises(M.UnknownEncoding, match="newer rmac"):
+        M.decode_partition(np.zeros(3, np.uint8), meta["attributes"])
+
+
+def test_store_reads_partitions_of_either_encoding(tmp_path):
+    """A store whose partition 0 was written before per-image frames and partition 1 after: both read,
+    verify and re-rank alike; an unknown encoding gives a StoreError naming it."""
+    rng = np.random.default_rng(8)
+    ids = [f"im{i}" for i in range(6)]
+    store = Store.create(tmp_path / "s", ids, ids, _config())
+    maps = [_q_map(rng, 8, *rng.integers(1, 7, 2), 0.8) for _ in range(6)]
+    hw = np.array([m.shape[1:] for m in maps])
+    recs = [{"id": i, "path": i, "status": "done", "reason": None} for i in ids]
+    for p in (0, 1):
+        sl = slice(3 * p, 3 * p + 3)
+        store.write_partition(p, recs[sl], np.zeros((3, 8)), maps[sl], np.ones(3), hw[sl], hw[sl] * 32)
+    M.write_partition_maps_joint(tmp_path / "s" / "arrays", 0, maps[:3], hw[:3] * 32, 8)
+    store.write_record(0, recs[:3])  # as the old code recorded it
+    assert store.partition_problems(0) == [] and store.partition_problems(1) == []
+    for p in (0, 1):
+        for j in range(3):
+            assert np.array_equal(store.read_sparse(p).maps.dense(j), maps[3 * p + j])
+            assert np.array_equal(store.read_sparse(p, select=[j]).maps.dense(0), maps[3 * p + j])
+    path = M.partition_path(tmp_path / "s" / "arrays", 1) / "zarr.json"
+    meta = json.loads(path.read_text())
+    meta["attributes"]["encoding"] = "quantum frames v9"
+    path.write_text(json.dumps(meta))
+    with pytest.raises(StoreError, match="newer rmac"):
+        store.read_sparse(1, select=[0])
 
 
 def test_codec_long_gaps_and_corrupt_codes():

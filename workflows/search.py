@@ -281,8 +281,10 @@ def rerank_rows(store: Store, jobs: list[tuple[QueryVectors, list[int]]],
     """AML re-ranking of rows of one store (a Dask task): for each (query, rows) job, the rows' scores,
     pixel boxes and localised vectors, in the order of its rows. Each partition the jobs touch is read
     once: decoded whole and kept in this worker's cache when more than a quarter of its maps are needed (or
-    it is cached already), otherwise only the needed maps are decoded (a short-list spread over a large
-    store needs about one map per partition)."""
+    it is cached already), otherwise only the needed maps are read and decoded (a short-list spread over a
+    large store needs about one map per partition; with per-image frames, `storage/maps.py`, reading k of
+    a partition's P maps costs about k/P of reading it whole, so the quarter is a caching choice: below it
+    a partition is unlikely to serve the next queries enough to pay for reading it whole)."""
     c = worker_map_cache() if cache else None
     part_of = {r: store.partition_of(r) for _, rows in jobs for r in rows}
     missing = store.missing_partition_chunks(sorted(set(part_of.values())))  # stat calls only

@@ -20,6 +20,7 @@ BENCHES = {
     "search": ("search", "filter / re-rank / QE times, 1 vs 2 workers"),
     "grow": ("grow", "index after a store grew by a tenth: incremental vs full"),
     "localisation": ("localisation", "AML / exhaustive windows vs exact boxes on views: IoU by object size, query scales"),
+    "frames": ("frames", "maps read per image frame vs per partition stream: N spread rows, bytes per image"),
     "scale": ("scale", "N synthetic distractors: build time, peak memory, bytes, exact/IVF filtering, query time"),
 }
 

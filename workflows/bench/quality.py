@@ -34,7 +34,8 @@ the strong responses, which decide max-pooling, round afresh. The spread of thei
 float-vs-quantised difference that is chance (which values happened to round which way), not cost.
 
 Bytes per image: every map quantised at each level count and stored as the store stores it (the
-sparse codes of `rmac.storage.maps`, one zstd chunk per partition of 16) into an in-memory Zarr store; plus the same for a 256-channel subset (AlexNet's conv5
+sparse codes of `rmac.storage.maps`, one zstd frame per image, partitions of 16); plus the same for a
+256-channel subset (AlexNet's conv5
 has 256 channels; the paper stores ~32 kB per 1024 x 768 image: 30 x 22 cells x 256 channels, 81% zeros,
 8 values, ~1 byte per non-zero).
 """
@@ -191,22 +192,11 @@ def _map(rankings: list[np.ndarray], gnd: list[dict]) -> tuple[float, np.ndarray
 
 def _codec_bytes(maps_u8: list[np.ndarray], side: int, partition: int = 16) -> int:
     """Bytes of ``maps_u8`` stored as the store stores them (store format 2: per partition of
-    ``partition`` images, the sparse codes of `rmac.storage.maps` in one zstd chunk), in memory.
+    ``partition`` images, the sparse codes of `rmac.storage.maps`, one zstd frame per image), in memory.
     ``side`` (the padded side of format 1) no longer matters: only valid cells are stored."""
-    import zarr
-    from zarr.storage import MemoryStore
+    from rmac.storage.maps import encode_maps
 
-    from rmac.storage.maps import CODES_CODEC, encode_maps
-
-    total = 0
-    for p0 in range(0, len(maps_u8), partition):
-        buf, _ = encode_maps(maps_u8[p0:p0 + partition])
-        d: dict = {}
-        arr = zarr.create_array(MemoryStore(d), name="codes", shape=(max(1, buf.size),), chunks=(max(1, buf.size),),
-                                dtype="uint8", fill_value=0, compressors=CODES_CODEC)
-        arr[:buf.size] = buf
-        total += sum(len(v.to_bytes()) for k, v in d.items() if k.startswith("codes/c"))
-    return total
+    return sum(encode_maps(maps_u8[p0:p0 + partition])[0].size for p0 in range(0, len(maps_u8), partition))
 
 
 def bytes_table(maps: list[np.ndarray], levels: tuple[int, ...], side: int, channels: np.ndarray | None = None,
