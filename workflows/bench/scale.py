@@ -33,6 +33,8 @@ from rmac.workflows.bench.machine import machine
 CLIENT_SIDE_LIMIT = 200_000
 NPROBES = (8, 32, 128)
 K_FACTORS = (1, 2, 4)
+DISTRACTOR_PARTITION = 128  # images per distractor partition: 8x fewer files and tasks than the dev set's 16;
+# with per-image frames a re-ranking read of one map costs the same in any partition size
 APPROXIMATE = ("pq", "ivf")  # `rmac index --index-type`s measured against exact (flat16 may be added)
 QUANTILES = (0.5, 0.9, 0.99, 1.0)
 
@@ -91,9 +93,17 @@ def tree_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
+APPROX_BYTES_PER_DIM = {"pq": 1.25, "ivf": 4.0, "flat16": 2.0}  # bytes per row and dimension (R-MAC only)
+
+
+def image_bytes(map_bytes: float, channels: int, dim: int, approximate=APPROXIMATE) -> float:
+    """Disk per distractor: its maps (as measured on the real store), MAC (K floats), R-MAC and whitened
+    MAC (D floats each) and their exact shards, the approximate shards, and ~100 bytes of the rest."""
+    return map_bytes + 4 * channels + 16 * dim + sum(APPROX_BYTES_PER_DIM[a] * dim for a in approximate) + 100
+
+
 def bytes_needed(per_image: float, count: int) -> int:
-    """Disk for ``count`` distractors: their maps and vectors (measured per image on the real store),
-    the exact and IVF shards of both vector kinds, and 25 % margin."""
+    """Disk for ``count`` distractors of ``per_image`` bytes (`image_bytes`), and 25 % margin."""
     return int(1.25 * per_image * count)
 
 
@@ -157,7 +167,7 @@ def bench_scale(count: int, workdir: str | None = None, keep: bool = False, n_wo
                 scheduler: str | None = None, max_size: int = 1024, shard_rows: int = 100_000,
                 top_n: int = 1000, n_queries: int | None = None, nprobes=NPROBES, seed: int = 0,
                 similarity_sample: int = 2000, progress: bool = False, approximate=APPROXIMATE,
-                k_factors=K_FACTORS) -> dict:
+                k_factors=K_FACTORS, partition_size: int = DISTRACTOR_PARTITION) -> dict:
     from rmac.ops import whitening as wh  # noqa: F401  (workers unpickle whitening objects)
     from rmac.storage.datasets import load_dataset
     from rmac.storage.store import Store
@@ -173,7 +183,8 @@ def bench_scale(count: int, workdir: str | None = None, keep: bool = False, n_wo
     ds = load_dataset(str(LANDMARKS_DEV))
     root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="rmac-scale-"))
     root.mkdir(parents=True, exist_ok=True)
-    out: dict = {"machine": machine(), "count": count, "top_n": top_n, "workdir": str(root)}
+    out: dict = {"machine": machine(), "count": count, "top_n": top_n, "workdir": str(root),
+                 "partition_size": partition_size}
     stages: dict[str, float] = {}
     try:
         with get_client(scheduler, n_workers, quiet=True) as client:
@@ -192,9 +203,8 @@ def bench_scale(count: int, workdir: str | None = None, keep: bool = False, n_wo
             stages["dev_extract_index_s"] = time.perf_counter() - t
             peaks.read("dev extract+index")
             w = load_whitenings(dev)
-            per_image = (tree_bytes(dev.path / "arrays") + tree_bytes(dev.path / "index")) / dev.n_images
-            per_image *= 1.6  # + the approximate shards (R-MAC only; at most the exact shards' size again)
-            need = bytes_needed(per_image, count)
+            need = bytes_needed(image_bytes(dev.map_bytes() / dev.n_images, dev.config.channels,
+                                            w.regional.proj.shape[0], approximate), count)
             if not (root / "distractors" / "manifest.json").exists():
                 check_disk(root, need, count)
             out["disk_needed_estimate_gib"] = round(need / 2**30, 2)
@@ -203,7 +213,7 @@ def bench_scale(count: int, workdir: str | None = None, keep: bool = False, n_wo
             peaks.reset()
             t = time.perf_counter()
             make_distractors(str(dev.path), str(root / "distractors"), count, client, seed=seed,
-                             pattern="distractor_*", progress=progress)
+                             pattern="distractor_*", partition_size=partition_size, progress=progress)
             stages["distractors_s"] = time.perf_counter() - t
             peaks.read("distractors")
             d = Store(root / "distractors")
@@ -421,6 +431,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scheduler", help="tcp://HOST:PORT of a running scheduler instead of a LocalCluster")
     p.add_argument("--max-size", type=int, default=1024)
     p.add_argument("--shard-rows", type=int, default=100_000)
+    p.add_argument("--partition-size", type=positive_int, default=DISTRACTOR_PARTITION,
+                   help="images per distractor partition (default %(default)s)")
     p.add_argument("--top-n", type=int, default=1000)
     p.add_argument("--queries", type=int, help="use the first QUERIES dev queries (default all)")
     p.add_argument("--nprobe", type=int, nargs="+", default=list(NPROBES), help="IVF nprobe values to measure")
@@ -445,7 +457,8 @@ def main(args: argparse.Namespace) -> int:
         res = bench_scale(args.count, args.workdir, args.keep, args.workers, args.scheduler, args.max_size,
                           args.shard_rows, args.top_n, args.queries, tuple(args.nprobe),
                           similarity_sample=args.similarity_sample, progress=False,
-                          approximate=tuple(args.approximate), k_factors=tuple(args.k_factor))
+                          approximate=tuple(args.approximate), k_factors=tuple(args.k_factor),
+                          partition_size=args.partition_size)
         print_report(res)
         if args.json_out:
             Path(args.json_out).write_text(json.dumps(res, indent=1))
