@@ -39,8 +39,8 @@ INDEX_TYPE_HELP = (
     "the filtering index's shards: flat (exact, float32; the default), flat16 (exact over half-precision "
     "vectors: half the memory, the same top 1000 at 100k), ivf (IVF lists, --nlist, --ivf-codec; loses deep "
     "neighbours: recall@1000 0.89 at a quarter of the lists at 100k), pq (every row scanned as a 4-bit PQ "
-    "code with SIMD fast-scan, the best k-factor x top-n re-scored with 8-bit vectors: recall@1000 0.97 at "
-    "100k, D + D/4 bytes per row). Measured in docs/benchmarks.md (issue 12); searched with --nprobe / "
+    "code with SIMD fast-scan, the best k-factor x top-n re-scored with 8-bit vectors: recall@1000 0.98 at "
+    "100k (k-factor 4), 0.99 at 1M, D + D/4 bytes per row). Measured in docs/benchmarks.md (issue 12); searched with --nprobe / "
     "--k-factor")
 DEFAULT_SHARD_ROWS = 100_000
 VECTOR_KINDS = ("rmac", "macw")
