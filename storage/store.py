@@ -586,8 +586,7 @@ class Store:
         root = zarr.open_group(tmp, mode="w")
         kind_ids = {}
         for kind, (mean, proj, eigvals, attrs) in whitenings.items():
-            arrays = {"mean": np.asarray(mean, dtype="float32"), "proj": np.asarray(proj, dtype="float32"),
-                      "eigvals": np.asarray(eigvals, dtype="float64")}
+            arrays = _whitening_arrays(mean, proj, eigvals)
             kind_ids[kind] = whitening_id(**arrays)
             g = root.create_group(kind)
             for name, a in arrays.items():
@@ -647,6 +646,16 @@ class Store:
 def whitening_id(mean: np.ndarray, proj: np.ndarray, eigvals: np.ndarray) -> str:
     """Content hash of a whitening (what an index records it was built with)."""
     return checksums.digest_bytes("".join(checksums.digest(np.asarray(a)) for a in (mean, proj, eigvals)).encode())
+
+
+def _whitening_arrays(mean, proj, eigvals) -> dict[str, np.ndarray]:
+    return {"mean": np.asarray(mean, dtype="float32"), "proj": np.asarray(proj, dtype="float32"),
+            "eigvals": np.asarray(eigvals, dtype="float64")}
+
+
+def whitening_set_id(whitenings: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]) -> str:
+    """The id `Store.save_whitening` gives this set (``{kind: (mean, proj, eigvals)}``), without saving it."""
+    return _set_id({kind: whitening_id(**_whitening_arrays(*arrays)) for kind, arrays in whitenings.items()})
 
 
 def _set_id(kind_ids: dict[str, str]) -> str:

@@ -68,3 +68,35 @@ def test_cost_curve_plot_from_earlier_runs(tmp_path, capsys):
     assert cli.main(["bench", "scale", "--from-json", *files, "--plot", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert cli.main(["bench", "scale"]) == 2 and "give --count" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_small_run_end_to_end_then_reused(scheduler, tmp_path):
+    """`bench_scale` at N = 300 on the test cluster: every figure there, the query filtered by a pq
+    setting that keeps the recall, the JSON and summary line readable; run again on the kept folder,
+    the distractors and their vectors are reused (nothing indexed again)."""
+    from rmac.workflows.bench.scale import bench_scale, summary_line
+
+    kw = dict(workdir=str(tmp_path / "w"), keep=True, scheduler=scheduler, max_size=256, shard_rows=64,
+              n_queries=2, approximate=("pq",), pq_ms=(None, 320), k_factors=(8,), partition_size=32,
+              similarity_sample=40, top_n=100)
+    res = bench_scale(300, **kw)
+    assert res["db_images"] == 300 + 186 and res["queries"] == 2 and res["workers"] == 2
+    assert res["distractors_indexed"] == {"partitions": 10, "of": 10}
+    f = res["filtering"]
+    assert {"exact_workers", "exact_client", "pq_k8", "pq320_k8"} <= set(f)
+    assert f["exact_client"]["recall_vs_workers"] > 0.99
+    assert all(0.9 <= f[k]["recall@100"] <= 1.0 for k in ("pq_k8", "pq320_k8"))
+    assert res["approximate"]["pq320"]["factory"] == "IDMap,PQ320x4fs,Refine(SQ8)"
+    assert res["approx_shard_rows"] == 150  # one shard per worker
+    assert res["query_filter"] in ("pq_k8", "pq320_k8")
+    for k in ("filter_s", "rerank_s", "qe_s", "end_to_end_s", "extract_s"):
+        assert 0 < res["query"][k]["p50"] < 60
+    assert res["bytes"]["per_image"] > res["bytes"]["maps_per_image"] > 0
+    assert set(res["similarity"]["rows"]) >= {"MAC real", "R-MAC synthetic", "AML (R-MAC) synthetic"}
+    line = summary_line(json.loads(json.dumps(res)))
+    assert line.startswith("SCALE n=486 ") and f"query_filter={res['query_filter']}" in line
+
+    again = bench_scale(300, **kw)
+    assert again["distractors_indexed"] == {"partitions": 0, "of": 10}
+    assert again["stages_s"]["distractors_s"] < res["stages_s"]["distractors_s"]

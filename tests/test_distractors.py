@@ -195,7 +195,13 @@ def test_indexed_searched_and_reranked_like_extracted_images(client, dev, dev_st
 
     _, _, d = distractors
     w = load_whitenings(dev_store.store)
-    build_index(d, client, whitening=w, whiten_label="dev distractors", shard_rows=48, progress=False)
+    first = build_index(d, client, whitening=w, whiten_label="dev distractors", shard_rows=48, progress=False)
+    assert not first["incremental"] and first["partitions_indexed"] == d.n_partitions
+    # the same whitening again (a bench or an evaluation run twice): nothing to redo
+    again = build_index(Store(d.path), client, whitening=load_whitenings(dev_store.store),
+                        whiten_label="dev distractors", shard_rows=48, progress=False)
+    assert again["incremental"] and again["partitions_indexed"] == 0 and again["shards_built"] == 0
+    assert again["whitening_id"] == first["whitening_id"] and again["whitening"] == "dev distractors"
     db = Database([Store(dev_store.path), Store(d.path)])
     assert db.n_images == dev_store.store.n_images + COUNT
     q = dev_store.queries[0]

@@ -120,6 +120,32 @@ def test_pq_and_flat16_indexes_through_the_workers(client, dev_store, tmp_path, 
         assert one_i.shape == (len(q), 20) and (one_i >= 0).all()
 
 
+def test_an_index_beside_the_committed_one(client, dev_store, tmp_path):
+    """`build_ivf` (what `rmac bench scale` compares): a trained pq template, shards added in parallel
+    into ``index-pq/``, searched through the workers like the committed index, which stays as it was."""
+    from rmac.workflows.filtering import ScatteredFilter
+    from rmac.workflows.index import shard_ranges
+    from rmac.workflows.ivf import TEMPLATE, build_ivf, train_pq_template
+
+    path = tmp_path / "beside"
+    shutil.copytree(dev_store.path, path)
+    st = Store(path)
+    committed = (path / "index" / "rmac" / "manifest.json").read_bytes()
+    folder = path / "index-pq" / "rmac"
+    meta = client.submit(train_pq_template, st, "rmac", 160, 0, str(folder), pure=False).result()
+    assert meta["factory"] == "IDMap,PQ160x4fs,Refine(SQ8)"
+    ranges = shard_ranges(st, 16)
+    build_ivf(client, st, "rmac", str(folder / TEMPLATE), ranges, "index-pq", {"pq": meta}, index_type="pq")
+    index = ShardedIndex(folder)
+    assert len(index.shards) == len(ranges) >= 2 and index.ntotal == int(st.valid_rows().sum())
+    assert (path / "index" / "rmac" / "manifest.json").read_bytes() == committed
+    db = Database([Store(path)])
+    db.scattered = ScatteredFilter(client, [path], [0], "index-pq")
+    _, ref_i = Database([Store(dev_store.path)]).filter("rmac", _queries(st)["rmac"], 20)
+    _, got_i = db.filter("rmac", _queries(st)["rmac"], 20, k_factor=8)
+    assert np.mean([len(set(a) & set(b)) / 20 for a, b in zip(got_i, ref_i)]) >= 0.95
+
+
 def test_index_cli_takes_the_index_type():
     import argparse
 

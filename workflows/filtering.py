@@ -102,9 +102,8 @@ class ShardHolder:
 class ScatteredFilter:
     """The FAISS shards of a database held by the workers of ``client`` and searched there."""
 
-    def __init__(self, client, store_paths: list[Path], offsets: list[int], index_dir: str = "index",
-                 actors: bool = True):
-        self.client, self.index_dir, self.actors = client, index_dir, actors
+    def __init__(self, client, store_paths: list[Path], offsets: list[int], index_dir: str = "index"):
+        self.client, self.index_dir = client, index_dir
         self.store_paths, self.offsets = list(store_paths), [int(o) for o in offsets]
         self.workers = sorted(client.scheduler_info()["workers"])
         if not self.workers:
@@ -136,8 +135,8 @@ class ScatteredFilter:
 
         q = np.ascontiguousarray(np.atleast_2d(q), dtype=np.float32)
         plan = self.plan(kind)
-        parts = self._by_actors(plan, q, k, nprobe, k_factor) if self.actors else None
-        if parts is None:
+        parts = self._by_actors(plan, q, k, nprobe, k_factor)
+        if parts is None:  # a worker is gone: tasks, which another worker may take
             futures = [self.client.submit(search_held, refs, q, k, nprobe, k_factor, workers=[w],
                                           allow_other_workers=True, pure=False)
                        for w, refs in plan.items()]

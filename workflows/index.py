@@ -27,7 +27,7 @@ from rmac.ops.quantise import dequantise
 from rmac.ops.regions import rmac_regions
 from rmac.storage import checksums, ids as id_tables
 from rmac.storage.index import KINDS, TRAINED_KINDS, shard_file
-from rmac.storage.store import Store, StoreError, _write_json_atomic
+from rmac.storage.store import Store, StoreError, _write_json_atomic, whitening_set_id
 from rmac.workflows.progress import wait_all
 
 DEFAULT_L = 3
@@ -155,10 +155,11 @@ def vector_part(store: Store, p: int) -> dict | None:
 
 
 def build_shard_file(store: Store, kind: str, shard: int, start: int, stop: int, index_kind: str,
-                     template: str | None = None) -> dict:
-    """Build and save one FAISS shard over rows [start, stop) of ``kind`` vectors (IVF: a copy of the
-    trained ``template`` file with these rows added, see `rmac.workflows.ivf`)."""
-    from rmac.storage.index import build_shard, load_shard, save_shard
+                     template: str | None = None, index_dir: str = "index") -> dict:
+    """Build and save one FAISS shard over rows [start, stop) of ``kind`` vectors as shard ``shard`` of
+    ``STORE/index_dir/kind`` (a Dask task); IVF and pq: a copy of the trained ``template`` file with these
+    rows added (`rmac.workflows.ivf`). Returns its manifest entry, with the file's checksum."""
+    from rmac.storage.index import build_shard, load_shard, save_shard, shard_entry
 
     store.require_chunks(start, stop, names=(kind,), exclude=())
     vectors = store.arrays[kind][start:stop]
@@ -166,12 +167,11 @@ def build_shard_file(store: Store, kind: str, shard: int, start: int, stop: int,
     index = build_shard(vectors, start, kind=index_kind, valid=valid,
                         template=load_shard(template) if template else None)
     name = shard_file(shard)
-    folder = store.path / "index" / kind
+    folder = store.path / index_dir / kind
     folder.mkdir(parents=True, exist_ok=True)
     save_shard(index, folder / name)
-    return {"file": name, "start": start, "stop": stop, "kind": index_kind, "d": int(vectors.shape[1]),
-            "ntotal": int(index.ntotal), "sha256": checksums.digest_file(folder / name),
-            "bytes": (folder / name).stat().st_size}
+    return {**shard_entry(index, name, start, stop, index_kind),
+            "sha256": checksums.digest_file(folder / name), "bytes": (folder / name).stat().st_size}
 
 
 def shard_ranges(store: Store, shard_rows: int, parts: list[int] | None = None) -> list[tuple[int, int]]:
@@ -204,8 +204,9 @@ def build_index(store: Store, client, whiten_on: Store | None = None, L: int = D
     ``whiten_subset`` only when given; or taken as given (``whitening``, labelled ``whiten_label``),
     which is how distractor stores share the whitening of the dataset they are added to.
 
-    On a store indexed before (same L, dim, index kind; no new whitening asked for, no ``refit``), only
-    the partitions added or re-extracted since get vectors and new shards; the fitted whitening is kept.
+    On a store indexed before (same L, dim, index kind; no new whitening asked for, or a ``whitening``
+    given that is the very one it was indexed with; no ``refit``), only the partitions added or
+    re-extracted since get vectors and new shards; the fitted whitening is kept.
     Commits as one step (`commit_index`): shards are written under new names and the previous index
     stays in use until the store manifest names the new one. Holds the store's lock."""
     from rmac.storage.lock import StoreLock
@@ -237,10 +238,16 @@ def _build_index(store, client, whiten_on, L, dim, shard_rows, index_kind, white
     timings = {}
     t = time.perf_counter()
     before = store.manifest.get("index")
-    incremental = (before is not None and "commit" in before and not refit and whitening is None and whiten_on is None
+    # a whitening given (a distractor store taking its dataset's) that is the one indexed with: nothing to refit
+    same_given = (whitening is not None and before is not None and before.get("whitening_id") == whitening_set_id(
+        {kind: (wk.mean, wk.proj, wk.eigvals) for kind, wk in zip(WHITENING_KINDS, whitening)}))
+    incremental = (before is not None and "commit" in before and not refit and (whitening is None or same_given)
+                   and whiten_on is None
                    and whiten_subset is None and before.get("L") == L and before.get("index_kind") == index_kind
                    and (dim is None or before.get("dim") == min(dim, store.config.channels)))
-    if incremental:
+    if incremental and same_given:
+        w, wid, fitted_on = whitening, before["whitening_id"], before["whitening"]
+    elif incremental:
         w = load_whitenings(store)  # each checked against its hash
         wid = store.load_whitening()[3]["id"]
         if wid != before.get("whitening_id"):

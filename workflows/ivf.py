@@ -118,37 +118,15 @@ def train_template(store: Store, kind: str, nlist: int | None = None, codec: str
     return {"nlist": nlist, "trained_on": int(len(x)), "codec": codec, "file": TEMPLATE}
 
 
-def template_kind(index) -> str:
-    """"pq" for a trained pq template, else "ivf"."""
-    import faiss
-
-    return "pq" if isinstance(index, faiss.IndexIDMap) else "ivf"
-
-
-def add_shard(store: Store, kind: str, shard: int, start: int, stop: int, template: str | None, index_dir: str,
-              index_type: str | None = None) -> dict:
-    """A copy of the trained ``template`` (IVF or pq) with rows [start, stop) of ``kind`` added, or with no
-    template a new shard of ``index_type`` (flat, flat16), saved as shard ``shard`` of
-    ``STORE/index_dir/kind`` (a Dask task)."""
-    from rmac.storage.index import build_shard, load_shard, save_shard, shard_entry, shard_file
-
-    t = load_shard(template) if template else None
-    index_type = template_kind(t) if t is not None else index_type
-    index = build_shard(store.arrays[kind][start:stop], start, kind=index_type,
-                        valid=store.valid_rows(range(start, stop)), template=t)
-    folder = store.path / index_dir / kind
-    folder.mkdir(parents=True, exist_ok=True)
-    save_shard(index, folder / shard_file(shard))
-    return shard_entry(index, shard_file(shard), start, stop, index_type)
-
-
 def build_ivf(client, store: Store, kind: str, template: str | None, ranges: list[tuple[int, int]],
-              index_dir: str, meta: dict, index_type: str | None = None) -> None:
-    """Every shard of ``store`` added to ``template`` (or built as ``index_type``) in parallel, then the
-    folder's manifest."""
+              index_dir: str, meta: dict, index_type: str) -> None:
+    """Every shard of ``store`` over ``ranges`` added to ``template`` (IVF, pq) or built as ``index_type``
+    (flat, flat16) in parallel, in the folder ``STORE/index_dir/kind``, then the folder's manifest (an
+    index beside the committed one: `rmac bench scale` compares several)."""
     from rmac.storage.index import write_manifest
+    from rmac.workflows.index import build_shard_file
 
-    futures = [client.submit(add_shard, store, kind, i, a, b, template, index_dir, index_type, pure=False,
+    futures = [client.submit(build_shard_file, store, kind, i, a, b, index_type, template, index_dir, pure=False,
                              retries=2)
                for i, (a, b) in enumerate(ranges)]
     write_manifest(store.path / index_dir / kind, client.gather(futures), meta)

@@ -37,6 +37,7 @@ DISTRACTOR_PARTITION = 128  # images per distractor partition: 8x fewer files an
 # with per-image frames a re-ranking read of one map costs the same in any partition size
 APPROXIMATE = ("pq", "ivf")  # `rmac index --index-type`s measured against exact (flat16 may be added)
 QUANTILES = (0.5, 0.9, 0.99, 1.0)
+RECALL_TARGET = 0.95  # recall@1000 of an approximate filtering against exact (the issue's target)
 
 
 # -- memory --------------------------------------------------------------------------------------
@@ -167,15 +168,16 @@ def bench_scale(count: int, workdir: str | None = None, keep: bool = False, n_wo
                 scheduler: str | None = None, max_size: int = 1024, shard_rows: int = 100_000,
                 top_n: int = 1000, n_queries: int | None = None, nprobes=NPROBES, seed: int = 0,
                 similarity_sample: int = 2000, progress: bool = False, approximate=APPROXIMATE,
-                k_factors=K_FACTORS, partition_size: int = DISTRACTOR_PARTITION) -> dict:
+                k_factors=K_FACTORS, partition_size: int = DISTRACTOR_PARTITION, pq_ms=(None,),
+                approx_shard_rows: int | None = None) -> dict:
     from rmac.ops import whitening as wh  # noqa: F401  (workers unpickle whitening objects)
     from rmac.storage.datasets import load_dataset
-    from rmac.storage.store import Store
+    from rmac.storage.store import Store, StoreError
     from rmac.workflows.cluster import get_client
     from rmac.workflows.distractors import make_distractors
     from rmac.workflows.evaluate import whitening_subset
     from rmac.workflows.extract import ModelChoice, extract
-    from rmac.workflows.index import build_index, load_whitenings, shard_ranges
+    from rmac.workflows.index import build_index, load_whitenings, require_indexed, shard_ranges
     from rmac.workflows.ivf import TEMPLATE, build_ivf, train_pq_template, train_template
     from rmac.workflows.search import (Database, SearchParams, answer, query_maps, query_vectors,
                                        rerank_many)
@@ -197,14 +199,19 @@ def bench_scale(count: int, workdir: str | None = None, keep: bool = False, n_wo
             extract([(i, str(ds.image_paths[i])) for i in ds.images], str(root / "dev"), client,
                     ModelChoice(), max_size, progress=progress)
             dev = Store(root / "dev")
-            rows_of = {i: r for r, i in enumerate(dev.ids)}
-            subset = whitening_subset(ds, rows_of, dev.n_images) & dev.valid_rows()
-            build_index(dev, client, whiten_subset=subset, whiten_label="dev distractors", progress=False)
+            try:  # kept from an earlier run (--workdir): its whitening is the one the distractors were indexed with
+                require_indexed(dev)
+            except StoreError:
+                rows_of = {i: r for r, i in enumerate(dev.ids)}
+                subset = whitening_subset(ds, rows_of, dev.n_images) & dev.valid_rows()
+                build_index(dev, client, whiten_subset=subset, whiten_label="dev distractors", progress=False)
             stages["dev_extract_index_s"] = time.perf_counter() - t
             peaks.read("dev extract+index")
             w = load_whitenings(dev)
             need = bytes_needed(image_bytes(dev.map_bytes() / dev.n_images, dev.config.channels,
-                                            w.regional.proj.shape[0], approximate), count)
+                                            w.regional.proj.shape[0],
+                                            [a for a in approximate for _ in (pq_ms if a == "pq" else (None,))]),
+                                count)
             if not (root / "distractors" / "manifest.json").exists():
                 check_disk(root, need, count)
             out["disk_needed_estimate_gib"] = round(need / 2**30, 2)
@@ -221,32 +228,39 @@ def bench_scale(count: int, workdir: str | None = None, keep: bool = False, n_wo
             info = build_index(d, client, whitening=w, whiten_label="dev distractors", shard_rows=shard_rows,
                                progress=progress)
             stages.update({f"index_{k}": v for k, v in info["timings"].items() if k != "whitening_s"})
+            out["distractors_indexed"] = {"partitions": info["partitions_indexed"], "of": d.n_partitions}
             peaks.read("index (vectors + exact shards)")
 
             # 3. approximate indexes of the R-MAC vectors (the only kind the queries below filter by) over
             # both stores: trained once on a sample of the distractors (IVF: k-means; pq: codebooks), shards
             # added in parallel; flat16 needs no training
             out["approximate"] = {}
-            for itype in approximate:
+            # one shard per worker: a top-1000 search pays a fixed cost per shard (its heap of k_factor x k,
+            # the refine, the merge): five 100k pq shards took twice the time of one 500k shard
+            approx_rows = approx_shard_rows or -(-d.n_images // out["workers"])
+            out["approx_shard_rows"] = approx_rows
+            variants = [(f"pq{m or ''}" if itype == "pq" else itype, itype, m)
+                        for itype in approximate for m in (pq_ms if itype == "pq" else (None,))]
+            for name, itype, m in variants:
                 peaks.reset()
-                folder = d.path / f"index-{itype}" / "rmac"
+                folder = d.path / f"index-{name}" / "rmac"
                 t = time.perf_counter()
                 meta = {"index_type": itype}
                 if itype == "ivf":
                     meta.update(client.submit(train_template, d, "rmac", None, "flat", seed, str(folder),
                                               pure=False).result())
                 elif itype == "pq":
-                    meta.update(client.submit(train_pq_template, d, "rmac", None, seed, str(folder),
+                    meta.update(client.submit(train_pq_template, d, "rmac", m, seed, str(folder),
                                               pure=False).result())
-                stages[f"{itype}_train_s"] = time.perf_counter() - t
+                stages[f"{name}_train_s"] = time.perf_counter() - t
                 t = time.perf_counter()
                 template = str(folder / TEMPLATE) if itype in ("ivf", "pq") else None
                 for st in (dev, d):
-                    build_ivf(client, st, "rmac", template, shard_ranges(st, shard_rows), f"index-{itype}",
+                    build_ivf(client, st, "rmac", template, shard_ranges(st, approx_rows), f"index-{name}",
                               {"vectors": "rmac", itype: meta}, index_type=itype)
-                stages[f"{itype}_add_s"] = time.perf_counter() - t
-                peaks.read(f"{itype} train + add")
-                out["approximate"][itype] = meta
+                stages[f"{name}_add_s"] = time.perf_counter() - t
+                peaks.read(f"{name} train + add")
+                out["approximate"][name] = meta
 
             # 4. disk
             n_total = dev.n_images + d.n_images
@@ -254,8 +268,8 @@ def bench_scale(count: int, workdir: str | None = None, keep: bool = False, n_wo
                 "maps_per_image": round(d.map_bytes() / count),
                 "store_per_image": round(tree_bytes(d.path / "arrays") / count),
                 "exact_index_per_image": round(tree_bytes(d.path / "index") / count),
-                **{f"{itype}_index_per_image": round(tree_bytes(d.path / f"index-{itype}") / count)
-                   for itype in approximate},
+                **{f"{name}_index_per_image": round(tree_bytes(d.path / f"index-{name}") / count)
+                   for name in out["approximate"]},
                 "total_gib": round((tree_bytes(d.path) + tree_bytes(dev.path)) / 2**30, 3),
             }
             out["bytes"]["per_image"] = round(tree_bytes(d.path) / count)
@@ -295,28 +309,38 @@ def bench_scale(count: int, workdir: str | None = None, keep: bool = False, n_wo
 
             peaks.read("filtering exact (exact shards held by workers)")
             client.run(release_held)  # at 1M the exact and approximate shards would not all fit
-            for itype in approximate:
+            how: dict[str, tuple] = {}  # setting -> (index folder, nprobe, k_factor)
+            for vname, itype, _ in variants:
                 peaks.reset()
                 adb = Database([dev, d])
                 adb.scattered = ScatteredFilter(client, [dev.path, d.path], adb.offsets[:-1].tolist(),
-                                                f"index-{itype}")
+                                                f"index-{vname}")
                 adb.scattered.warm("rmac")
                 settings = {"ivf": [(f"ivf_nprobe{n}", n, None) for n in nprobes],
-                            "pq": [(f"pq_k{kf:g}", None, kf) for kf in k_factors]}.get(itype, [(itype, None, None)])
+                            "pq": [(f"{vname}_k{kf:g}", None, kf) for kf in k_factors]}.get(itype, [(itype, None, None)])
                 for name, nprobe, kf in settings:
                     times, found = time_filter(adb, "rmac", Q, top_n, nprobe, k_factor=kf)
                     inside = time_in_workers(adb.scattered, "rmac", Q, top_n, nprobe, kf)
                     filt[name] = {"p50_ms": 1e3 * pct(times, 50), "p95_ms": 1e3 * pct(times, 95),
                                   "in_workers_p50_ms": 1e3 * pct(inside, 50),
                                   f"recall@{top_n}": recall_at(found, exact)}
-                peaks.read(f"filtering {itype} (shards held by workers)")
+                    how[name] = (f"index-{vname}", nprobe, kf)
+                peaks.read(f"filtering {vname} (shards held by workers)")
                 client.run(release_held)
             out["filtering"] = {k: {a: round(b, 4) for a, b in v.items()} for k, v in filt.items()}
 
-            # 7. re-ranking of the top N read from the store, QE, end to end
+            # 7. re-ranking of the top N read from the store, QE, end to end; filtered as a user at this
+            # scale would: by the fastest approximate setting that keeps recall >= 0.95, else exactly
             peaks.reset()
+            best_name = best_approximate(out["filtering"], top_n)[0] if how else None
+            if best_name and out["filtering"][best_name][f"recall@{top_n}"] >= RECALL_TARGET:
+                folder, nprobe, kf = how[best_name]
+                db.scattered = ScatteredFilter(client, [dev.path, d.path], db.offsets[:-1].tolist(), folder)
+            else:
+                best_name, nprobe, kf = "exact_workers", None, None
+            out["query_filter"] = best_name
             db.scattered.warm("rmac")
-            params = SearchParams(top_n=top_n, rerank=True, qe=5)
+            params = SearchParams(top_n=top_n, rerank=True, qe=5, nprobe=nprobe, k_factor=kf)
             wf = client.scatter(w, broadcast=True, hash=False)
             answer(db, client, qvs[0], params, wf)  # warm-up: numba caches, file caches
             per = {"filter_s": [], "rerank_s": [], "qe_s": [], "end_to_end_s": []}
@@ -385,7 +409,7 @@ def print_report(res: dict) -> None:
                       for t, m in res.get("approximate", {}).items()))
     for k, v in res["filtering"].items():
         print(f"  {k:<16} " + "  ".join(f"{a} {c}" for a, c in v.items()))
-    print("query (s, p50 / p95): " + "  ".join(f"{k} {v['p50']}/{v['p95']}" for k, v in res["query"].items()))
+    print(f"query (s, p50 / p95; filtered by {res.get('query_filter', 'exact_workers')}): " + "  ".join(f"{k} {v['p50']}/{v['p95']}" for k, v in res["query"].items()))
     sim = res["similarity"]
     print(f"similarity of {sim['n_queries']} real queries to {sim['n_real']} real distractor photos vs "
           f"{sim['n_synthetic']} synthetic distractors (quantiles {sim['quantiles']}):")
@@ -399,7 +423,7 @@ def approximate_entries(filtering: dict, top_n: int = 1000) -> list[tuple[str, d
     return [(k, v) for k, v in filtering.items() if not k.startswith("exact") and f"recall@{top_n}" in v]
 
 
-def best_approximate(filtering: dict, top_n: int = 1000, target: float = 0.95) -> tuple[str, dict]:
+def best_approximate(filtering: dict, top_n: int = 1000, target: float = RECALL_TARGET) -> tuple[str, dict]:
     """The fastest setting with recall >= ``target``, else the one with the best recall."""
     rows = approximate_entries(filtering, top_n)
     ok = [(k, v) for k, v in rows if v[f"recall@{top_n}"] >= target]
@@ -416,6 +440,7 @@ def summary_line(res: dict) -> str:
             f"exact_p50_ms={f['exact_workers']['p50_ms']:.2f} exact_p95_ms={f['exact_workers']['p95_ms']:.2f} "
             + (f"client_p50_ms={f['exact_client']['p50_ms']:.2f} " if "exact_client" in f else "")
             + f"approx={best_k} approx_p50_ms={best['p50_ms']:.2f} approx_recall={best[rkey]:.4f} "
+            f"query_filter={res.get('query_filter', 'exact_workers')} "
             f"rerank_p50_s={res['query']['rerank_s']['p50']} qe_p50_s={res['query']['qe_s']['p50']} "
             f"e2e_p50_s={res['query']['end_to_end_s']['p50']} e2e_p95_s={res['query']['end_to_end_s']['p95']} "
             f"peak_rss_max_mib={peak:.0f}")
@@ -438,6 +463,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nprobe", type=int, nargs="+", default=list(NPROBES), help="IVF nprobe values to measure")
     p.add_argument("--k-factor", type=float, nargs="+", default=list(K_FACTORS),
                    help="pq k-factors to measure (default %(default)s)")
+    p.add_argument("--pq-m", type=positive_int, nargs="+", default=[None], metavar="M",
+                   help="pq sub-quantisers, one pq index per value (default: D/2)")
+    p.add_argument("--approx-shard-rows", type=positive_int,
+                   help="rows per shard of the approximate indexes (default: the distractors over the workers, "
+                        "one shard each)")
     p.add_argument("--approximate", nargs="*", choices=("pq", "ivf", "flat16"), default=list(APPROXIMATE),
                    help="approximate indexes measured against exact (default %(default)s; none: skip)")
     p.add_argument("--similarity-sample", type=positive_int, default=2000,
@@ -458,7 +488,8 @@ def main(args: argparse.Namespace) -> int:
                           args.shard_rows, args.top_n, args.queries, tuple(args.nprobe),
                           similarity_sample=args.similarity_sample, progress=False,
                           approximate=tuple(args.approximate), k_factors=tuple(args.k_factor),
-                          partition_size=args.partition_size)
+                          partition_size=args.partition_size, pq_ms=tuple(args.pq_m),
+                          approx_shard_rows=args.approx_shard_rows)
         print_report(res)
         if args.json_out:
             Path(args.json_out).write_text(json.dumps(res, indent=1))
