@@ -96,9 +96,15 @@ class QueryVectors:
 
 
 def query_maps(path: str, bbox: tuple[float, float, float, float] | None, choice: ModelChoice,
-               max_size: int, scale: float = 1.0) -> tuple[np.ndarray, tuple[int, int], tuple[float, float, float, float]]:
+               max_size: int, scale: float = 1.0, all_cores: bool = False
+               ) -> tuple[np.ndarray, tuple[int, int], tuple[float, float, float, float]]:
     """Load the query, check its box, resize the whole photo as `extract` resizes a database image
-    (times ``scale``) and crop the scaled box; return its (K, h, w) maps (runs on a worker)."""
+    (times ``scale``) and crop the scaled box; return its (K, h, w) maps (runs on a worker).
+    ``all_cores``: the forward pass uses every core of the worker's machine instead of the worker's one
+    thread (a single interactive query, which nothing else competes with; a batch of queries keeps one
+    thread per worker)."""
+    import torch
+
     from rmac.ops.backbones import activations, crop_query
 
     try:
@@ -117,10 +123,15 @@ def query_maps(path: str, bbox: tuple[float, float, float, float] | None, choice
     if bbox[2] - bbox[0] < 2 or bbox[3] - bbox[1] < 2:
         raise QueryError(f"query box {bbox} is too small inside the {W}x{H} image")
     model, spec = worker_model(choice)
+    threads = torch.get_num_threads()
+    if all_cores:
+        torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     try:  # the whole photo at the database's scale, then the (scaled) box: never the crop alone
         maps = activations(model, spec, crop_query(image, bbox, max_size, scale), max_size=max_size)
     except ValueError as e:
         raise QueryError(f"query box {bbox}: {e}") from None
+    finally:
+        torch.set_num_threads(threads)
     return maps, (H, W), bbox
 
 
@@ -580,7 +591,8 @@ def search(store_paths: list[str], client, query_path: str, bbox=None, params: S
     if params.rerank:
         warm_workers(client)  # the kernels load while the query is extracted
     t = time.perf_counter()
-    maps, image_hw, bbox = client.submit(query_maps, query_path, bbox, choice, cfg.max_size, pure=False).result()
+    maps, image_hw, bbox = client.submit(query_maps, query_path, bbox, choice, cfg.max_size, all_cores=True,
+                                         pure=False).result()
     qv = query_vectors(maps, db.whitenings, params.L, image_hw, bbox)
     if params.rerank:
         qv, = describe_at_scales(client, [qv], [query_path], choice, cfg.max_size, params.query_scales,

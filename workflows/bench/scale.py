@@ -283,7 +283,7 @@ def bench_scale(count: int, workdir: str | None = None, keep: bool = False, n_wo
             for q in queries:
                 t = time.perf_counter()
                 maps, hw, bbox = client.submit(query_maps, str(ds.image_paths[q.image]), q.bbox, choice,
-                                               max_size, pure=False).result()
+                                               max_size, all_cores=True, pure=False).result()  # as `rmac search`
                 qvs.append(query_vectors(maps, w, 3, hw, bbox))
                 q_extract.append(time.perf_counter() - t)
             Q = np.stack([qv.rmac for qv in qvs]).astype(np.float32)
