@@ -114,6 +114,20 @@ def build_shard(
     return index
 
 
+def add_rows(index: faiss.Index, vectors: np.ndarray, start: int, valid: np.ndarray | None = None) -> int:
+    """Add rows ``start .. start+len(vectors)`` to a built shard (as `build_shard` adds them: invalid
+    rows left out, ids the global row numbers); returns how many were added. A shard built chunk by
+    chunk this way is the shard built at once, without holding all its vectors."""
+    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    keep = valid_rows(x)
+    if valid is not None:
+        keep &= np.asarray(valid, dtype=bool)
+    rows = np.flatnonzero(keep)
+    if len(rows):
+        index.add_with_ids(np.ascontiguousarray(x[rows]), (int(start) + rows).astype(np.int64))
+    return int(len(rows))
+
+
 def search_params(kind: str, nprobe: int | None = None, k_factor: float | None = None):
     """The per-call FAISS search parameters of a shard of ``kind``: IVF lists probed (``nprobe``) or the
     pq shards' re-ranking depth (``k_factor``: the fast-scan stage keeps ``k_factor * k`` candidates,

@@ -259,3 +259,31 @@ def test_pq_factory_sizes():
     assert pq_factory(512, 128) == "IDMap,PQ128x4fs,Refine(SQ8)"
     with pytest.raises(ValueError, match="divide"):
         pq_factory(10, 3)
+
+
+@pytest.mark.parametrize("kind", ["flat", "flat16", "pq", "ivf"])
+def test_a_shard_added_chunk_by_chunk_is_the_shard_built_at_once(kind):
+    """`add_rows` in chunks (how a Dask task builds a large shard in bounded memory) gives the same
+    shard as `build_shard` over all rows: same ids, same scores, failed rows left out in each chunk."""
+    from rmac.storage.index import add_rows
+
+    rng = np.random.default_rng(3)
+    d, n, start = 32, 2_000, 700
+    X = l2n(rng.standard_normal((n, d)))
+    X[[5, 999, 1500]] = 0  # failed images
+    valid = np.ones(n, bool)
+    valid[[10, 1234]] = False  # rows the store marks invalid
+    Q = l2n(rng.standard_normal((8, d)))
+    kw = {}
+    if kind == "pq":
+        kw["template"] = _pq_template(X[valid_rows(X)][:1500])
+    elif kind == "ivf":
+        kw["template"] = build_shard(X[:0], 0, kind="ivf", train=X, nlist=16, nprobe=16)
+    whole = build_shard(X, start, kind=kind, valid=valid, **kw)
+    chunked = build_shard(X[:333], start, kind=kind, valid=valid[:333], **kw)
+    added = sum(add_rows(chunked, X[a:a + 333], start + a, valid[a:a + 333]) for a in range(333, n, 333))
+    assert chunked.ntotal == whole.ntotal == n - 5 and added == whole.ntotal - (333 - 2)  # rows 5 and 10 in the first chunk
+    (s1, i1), (s2, i2) = whole.search(Q, 50), chunked.search(Q, 50)
+    np.testing.assert_array_equal(i1, i2)
+    np.testing.assert_allclose(s1, s2, rtol=0, atol=1e-6)
+    assert not np.isin([start + 5, start + 999, start + 1500, start + 10, start + 1234], i2).any()

@@ -6,6 +6,7 @@ expansion against `rmac.ops.rerank` on the stored maps; then retrieval quality a
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -361,3 +362,24 @@ def test_query_scales_on_the_cluster_equal_single_process(client, dev, dev_store
             np.testing.assert_allclose(box, box_to_pixels(ref.boxes[i], maps[i].shape[1:], image_hw[i],
                                                           cell_geometry(store, image_hw[i])), atol=1e-9)
             np.testing.assert_allclose(vec, ref.vectors[i], atol=1e-5)
+
+
+def test_a_shard_file_built_in_chunks_of_the_store_is_the_same_shard(dev_store, monkeypatch):
+    """`build_shard_file` reads and adds ``ADD_ROWS`` rows at a time (bounded memory at 1M); chunks that
+    split partitions give the shard built at once."""
+    import rmac.workflows.index as wi
+    from rmac.storage.index import load_shard
+
+    store, n = dev_store.store, dev_store.store.n_images
+    whole = wi.build_shard_file(store, "rmac", 0, 0, n, "flat", index_dir="index-whole")
+    monkeypatch.setattr(wi, "ADD_ROWS", 7)
+    chunked = wi.build_shard_file(store, "rmac", 0, 0, n, "flat", index_dir="index-chunked")
+    assert chunked["ntotal"] == whole["ntotal"] == int(store.valid_rows().sum())
+    a, b = (load_shard(store.path / d / "rmac" / e["file"]) for d, e in
+            (("index-whole", whole), ("index-chunked", chunked)))
+    q = np.ascontiguousarray(store.arrays["rmac"][:5], dtype=np.float32)
+    (s1, i1), (s2, i2) = a.search(q, n), b.search(q, n)
+    for d in ("index-whole", "index-chunked"):  # the store is shared by the session's tests
+        shutil.rmtree(store.path / d)
+    np.testing.assert_array_equal(i1, i2)
+    np.testing.assert_array_equal(s1, s2)

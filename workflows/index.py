@@ -40,7 +40,7 @@ INDEX_TYPE_HELP = (
     "vectors: half the memory, the same top 1000 at 100k), ivf (IVF lists, --nlist, --ivf-codec; loses deep "
     "neighbours: recall@1000 0.89 at a quarter of the lists at 100k), pq (every row scanned as a 4-bit PQ "
     "code with SIMD fast-scan, the best k-factor x top-n re-scored with 8-bit vectors: recall@1000 0.98 at "
-    "100k (k-factor 4), 0.99 at 1M, D + D/4 bytes per row). Measured in docs/benchmarks.md (issue 12); searched with --nprobe / "
+    "100k and 1M at the default k-factor 4, D + D/4 bytes per row). Measured in docs/benchmarks.md (issue 12); searched with --nprobe / "
     "--k-factor")
 DEFAULT_SHARD_ROWS = 100_000
 VECTOR_KINDS = ("rmac", "macw")
@@ -154,18 +154,27 @@ def vector_part(store: Store, p: int) -> dict | None:
         return None
 
 
+ADD_ROWS = 65_536  # rows read and added to a FAISS shard at a time (bounds a shard build's memory)
+
+
 def build_shard_file(store: Store, kind: str, shard: int, start: int, stop: int, index_kind: str,
                      template: str | None = None, index_dir: str = "index") -> dict:
     """Build and save one FAISS shard over rows [start, stop) of ``kind`` vectors as shard ``shard`` of
     ``STORE/index_dir/kind`` (a Dask task); IVF and pq: a copy of the trained ``template`` file with these
     rows added (`rmac.workflows.ivf`). Returns its manifest entry, with the file's checksum."""
-    from rmac.storage.index import build_shard, load_shard, save_shard, shard_entry
+    from rmac.storage.index import add_rows, build_shard, load_shard, save_shard, shard_entry
 
     store.require_chunks(start, stop, names=(kind,), exclude=())
-    vectors = store.arrays[kind][start:stop]
     valid = store.valid_rows(range(start, stop))
-    index = build_shard(vectors, start, kind=index_kind, valid=valid,
+    # The rows go in ADD_ROWS at a time: a shard per worker at 1M is 500k x 1280 floats (2.6 GB), and
+    # read at once it cost ~3x that in copies. An IVF trained on the shard itself needs it whole.
+    step = stop - start if index_kind == "ivf" and not template else ADD_ROWS
+    b = min(stop, start + step)
+    index = build_shard(store.arrays[kind][start:b], start, kind=index_kind, valid=valid[:b - start],
                         template=load_shard(template) if template else None)
+    for a in range(b, stop, step):
+        b = min(stop, a + step)
+        add_rows(index, store.arrays[kind][a:b], a, valid[a - start:b - start])
     name = shard_file(shard)
     folder = store.path / index_dir / kind
     folder.mkdir(parents=True, exist_ok=True)

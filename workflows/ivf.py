@@ -13,7 +13,7 @@ Choice of the index (FAISS guidelines, measured by `rmac bench scale`): ``nlist`
 (``IVF{nlist},SQ8``, a quarter of the memory: 1M x 1280-D is 1.3 GB instead of 5 GB).
 
 IVF loses the deep neighbours that a top 1000 needs: at 100k (D = 1280) a quarter of the lists gave
-recall@1000 0.83-0.89 (docs/benchmarks.md). The "pq" index reaches 0.98 there (0.99 at 1M): no partition at all,
+recall@1000 0.83-0.89 (docs/benchmarks.md). The "pq" index reaches 0.98 there and at 1M: no partition at all,
 every row scanned as a 4-bit product-quantisation code with FAISS's SIMD fast-scan (``M = D/2``
 sub-quantisers, D/4 bytes a row), and the best ``k_factor x k`` re-scored with 8-bit scalar-quantised
 vectors (``PQ{M}x4fs,Refine(SQ8)``; D + D/4 bytes a row: 1.6 GB at 1M x 1280 against 5.1 GB flat).
@@ -29,7 +29,8 @@ from rmac.storage.store import Store
 CODECS = ("flat", "sq8")
 POINTS_PER_LIST = 64
 PQ_TRAIN = 65_536  # training vectors of a pq template (its codebooks have 16 centroids each)
-PQ_K_FACTOR = 2.0  # stored in the template: recall@1000 0.90 at 100k, 0.99 at 1M (docs/benchmarks.md)
+PQ_K_FACTOR = 4.0  # stored in the template: recall@1000 0.98 at 100k and at 1M (2 shards of 500k), ~1-2 ms more
+# than k_factor 2 (0.90 / 0.94); docs/benchmarks.md
 TEMPLATE = "ivf_template.faiss"
 
 

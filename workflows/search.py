@@ -646,7 +646,7 @@ def add_filter_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nprobe", type=positive_int, help="IVF lists probed per shard (indexes built with --ivf)")
     parser.add_argument("--k-factor", type=float_range(1, 1000), metavar="F",
                         help="indexes built with --pq: the fast-scan stage keeps F x top-n candidates, re-scored "
-                             "with the 8-bit vectors (default: the index's, 2)")
+                             "with the 8-bit vectors (default: the one stored in the index, 4; 2 in indexes built before 2026-12)")
 
 
 def add_query_scales_argument(parser: argparse.ArgumentParser) -> None:

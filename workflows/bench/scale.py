@@ -4,14 +4,17 @@ One run, side by side: build time per stage and the peak resident memory of ever
 scheduler, each worker: ``VmHWM`` from /proc, reset before each stage by ``/proc/self/clear_refs``);
 bytes per image on disk; filtering per query (p50 / p95) exact on the workers that hold the shards,
 exact in the client (the old path; skipped above 200k images, where it would load every shard into
-one process), and the approximate indexes (pq at a few ``k_factor``, IVF at a few ``nprobe``; flat16
-on request) with their recall@1000 against exact, each also timed inside the workers (FAISS alone,
-without Dask's round trip); AML re-ranking of the top 1000 read from the store, QE and the end-to-end query time (query extraction included); the
+one process), and the approximate indexes (pq per ``--pq-m`` at a few ``k_factor``, IVF at a few
+``nprobe``; flat16 on request; one shard per worker unless ``--approx-shard-rows``) with their
+recall@1000 against exact, each also timed inside the workers (FAISS alone, without Dask's round
+trip); AML re-ranking of the top 1000 read from the store, QE and the end-to-end query time (query
+extraction included), the queries filtered by the fastest approximate setting whose recall reaches
+``RECALL_TARGET`` (exact when none does); the
 similarity of the real queries to real distractor photos against synthetic distractors (quantiles of
 MAC, R-MAC and the AML score); and a last line ``SCALE key=value ...`` for scripts.
 
 Queries and the real database part are the embedded `landmarks-dev` (extracted once per run, or
-reused from ``--workdir``). Everything written goes under a temporary work folder removed at the end
+reused from ``--workdir``, as are the distractors and their index when they are already there). Everything written goes under a temporary work folder removed at the end
 unless ``--keep``; the run refuses to start when the disk cannot hold it (it says how much it needs).
 """
 from __future__ import annotations
