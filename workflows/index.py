@@ -168,7 +168,7 @@ def build_shard_file(store: Store, kind: str, shard: int, start: int, stop: int,
     valid = store.valid_rows(range(start, stop))
     # The rows go in ADD_ROWS at a time: a shard per worker at 1M is 500k x 1280 floats (2.6 GB), and
     # read at once it cost ~3x that in copies. An IVF trained on the shard itself needs it whole.
-    step = stop - start if index_kind == "ivf" and not template else ADD_ROWS
+    step = max(stop - start, 1) if index_kind == "ivf" and not template else ADD_ROWS
     b = min(stop, start + step)
     index = build_shard(store.arrays[kind][start:b], start, kind=index_kind, valid=valid[:b - start],
                         template=load_shard(template) if template else None)
