@@ -128,14 +128,22 @@ def add_rows(index: faiss.Index, vectors: np.ndarray, start: int, valid: np.ndar
     return int(len(rows))
 
 
-def search_params(kind: str, nprobe: int | None = None, k_factor: float | None = None):
+def search_params(kind: str, nprobe: int | None = None, k_factor: float | None = None,
+                  index: faiss.Index | None = None):
     """The per-call FAISS search parameters of a shard of ``kind``: IVF lists probed (``nprobe``) or the
     pq shards' re-ranking depth (``k_factor``: the fast-scan stage keeps ``k_factor * k`` candidates,
-    re-scored with the 8-bit vectors). None: the shard's own settings."""
+    re-scored with the 8-bit vectors) and, for a pq ``index`` with IVF lists in front, ``nprobe`` too.
+    None: the shard's own settings."""
     if kind == "ivf" and nprobe:
         return faiss.SearchParametersIVF(nprobe=int(nprobe))
-    if kind == "pq" and k_factor:
-        return faiss.IndexRefineSearchParameters(k_factor=float(k_factor))
+    if kind == "pq":
+        ivf = faiss.try_extract_index_ivf(index) if index is not None and nprobe else None
+        if ivf is None:
+            return faiss.IndexRefineSearchParameters(k_factor=float(k_factor)) if k_factor else None
+        if not k_factor:  # the parameters object replaces the shard's own k_factor: keep it
+            k_factor = faiss.downcast_index(index.index).k_factor
+        return faiss.IndexRefineSearchParameters(k_factor=float(k_factor),
+                                                 base_index_params=faiss.SearchParametersIVF(nprobe=int(nprobe)))
     return None
 
 
@@ -289,7 +297,7 @@ class ShardedIndex:
         for s, (e, index) in enumerate(zip(self.entries, self.shards)):
             if index.ntotal == 0:
                 continue
-            all_d[s], all_i[s] = index.search(q, k, params=search_params(e["kind"], nprobe, k_factor))
+            all_d[s], all_i[s] = index.search(q, k, params=search_params(e["kind"], nprobe, k_factor, index))
         scores, ids = faiss.merge_knn_results(all_d, all_i, keep_max=True)
         scores[ids < 0] = -np.inf  # faiss pads with -FLT_MAX
         return scores, ids

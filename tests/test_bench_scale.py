@@ -79,17 +79,20 @@ def test_a_small_run_end_to_end_then_reused(scheduler, tmp_path):
 
     kw = dict(workdir=str(tmp_path / "w"), keep=True, scheduler=scheduler, max_size=256, shard_rows=64,
               n_queries=2, approximate=("pq",), pq_ms=(None, 320), k_factors=(8,), partition_size=32,
+              pq_nlists=(None, 4), nprobes=(4,),
               similarity_sample=40, top_n=100)
     res = bench_scale(300, **kw)
     assert res["db_images"] == 300 + 186 and res["queries"] == 2 and res["workers"] == 2
     assert res["distractors_indexed"] == {"partitions": 10, "of": 10}
     f = res["filtering"]
-    assert {"exact_workers", "exact_client", "pq_k8", "pq320_k8"} <= set(f)
+    pq = ("pq_k8", "pq320_k8", "pq_ivf4_k8_nprobe4", "pq320_ivf4_k8_nprobe4")  # behind IVF: every list probed
+    assert {"exact_workers", "exact_client", *pq} <= set(f)
     assert f["exact_client"]["recall_vs_workers"] > 0.99
-    assert all(0.9 <= f[k]["recall@100"] <= 1.0 for k in ("pq_k8", "pq320_k8"))
+    assert all(0.9 <= f[k]["recall@100"] <= 1.0 for k in pq)
     assert res["approximate"]["pq320"]["factory"] == "IDMap,PQ320x4fs,Refine(SQ8)"
+    assert res["approximate"]["pq320_ivf4"]["factory"] == "IDMap,IVF4,PQ320x4fs,Refine(SQ8)"
     assert res["approx_shard_rows"] == 150  # one shard per worker
-    assert res["query_filter"] in ("pq_k8", "pq320_k8")
+    assert res["query_filter"] in pq
     for k in ("filter_s", "rerank_s", "qe_s", "end_to_end_s", "extract_s"):
         assert 0 < res["query"][k]["p50"] < 60
     assert res["bytes"]["per_image"] > res["bytes"]["maps_per_image"] > 0

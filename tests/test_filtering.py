@@ -94,10 +94,10 @@ def test_build_shard_from_template_equals_its_own_training():
         build_shard(x[:10], 0, kind="ivf", template=a)
 
 
-@pytest.mark.parametrize("index_type", ["pq", "flat16"])
-def test_pq_and_flat16_indexes_through_the_workers(client, dev_store, tmp_path, index_type):
-    """`rmac index --index-type pq | flat16`: shards on the workers, `k_factor` reaching them, the exact
-    top k found (pq: with enough candidates re-scored)."""
+@pytest.mark.parametrize("index_type,nlist", [("pq", None), ("pq", 4), ("flat16", None)])
+def test_pq_and_flat16_indexes_through_the_workers(client, dev_store, tmp_path, index_type, nlist):
+    """`rmac index --index-type pq [--nlist N] | flat16`: shards on the workers, `k_factor` (and pq behind
+    IVF lists: `nprobe`) reaching them, the exact top k found (pq: with enough candidates re-scored)."""
     from rmac.workflows.index import build_index, load_whitenings
     from rmac.workflows.ivf import PQ_K_FACTOR
 
@@ -105,20 +105,21 @@ def test_pq_and_flat16_indexes_through_the_workers(client, dev_store, tmp_path, 
     shutil.copytree(dev_store.path, path)
     st = Store(path)
     info = build_index(st, client, whitening=load_whitenings(st), whiten_label="dev distractors", shard_rows=16,
-                       index_kind=index_type, progress=False)
+                       index_kind=index_type, progress=False, nlist=nlist)
     assert info["index_kind"] == index_type and info["shards"] >= 3
     if index_type == "pq":
-        assert info["pq"]["rmac"]["factory"].startswith("IDMap,PQ")
+        assert info["pq"]["rmac"]["factory"].startswith("IDMap,IVF4,PQ" if nlist else "IDMap,PQ")
+        assert info["pq"]["rmac"].get("nprobe") == (1 if nlist else None)  # nlist / 8, at least 1
         assert info["pq"]["rmac"]["k_factor"] == PQ_K_FACTOR == 4  # stored in every shard
         assert "pq_train_s" in info["timings"]
     flat = Database([Store(dev_store.path)])
     approx = Database([Store(path)]).scatter_filtering(client)
     for kind, q in _queries(st).items():
         _, ref_i = flat.filter(kind, q, 20)
-        _, got_i = approx.filter(kind, q, 20, k_factor=8)
+        _, got_i = approx.filter(kind, q, 20, nprobe=nlist, k_factor=8)
         found = np.mean([len(set(a) & set(b)) / 20 for a, b in zip(got_i, ref_i)])
         assert found >= 0.95, (kind, found)
-        _, one_i = approx.filter(kind, q, 20, k_factor=1)
+        _, one_i = approx.filter(kind, q, 20, nprobe=nlist, k_factor=1)  # (1 list of 4 may hold < 20)
         assert one_i.shape == (len(q), 20) and (one_i >= 0).all()
 
 

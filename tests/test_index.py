@@ -287,3 +287,37 @@ def test_a_shard_added_chunk_by_chunk_is_the_shard_built_at_once(kind):
     np.testing.assert_array_equal(i1, i2)
     np.testing.assert_allclose(s1, s2, rtol=0, atol=1e-6)
     assert not np.isin([start + 5, start + 999, start + 1500, start + 10, start + 1234], i2).any()
+
+
+def test_pq_behind_ivf_lists_probes_the_stored_nprobe_and_keeps_k_factor(tmp_path):
+    """``rmac index --index-type pq --nlist N``: IVF lists in front of the fast-scan codes. The shards
+    probe the template's nprobe (nlist / 8); a per-call nprobe reaches them without resetting their
+    k_factor; probing every list finds the deep neighbours as the plain pq does."""
+    from rmac.workflows.ivf import pq_factory
+
+    rng = np.random.default_rng(8)
+    d, n, nlist = 32, 12_000, 32
+    X = l2n(rng.standard_normal((n, d)) + 0.5 * rng.standard_normal((1, d)))
+    Q = l2n(X[rng.choice(n, 40, replace=False)] + 0.3 * rng.standard_normal((40, d)).astype(np.float32))
+    assert pq_factory(d, None, nlist) == "IDMap,IVF32,PQ16x4fs,Refine(SQ8)"
+    template = faiss.index_factory(d, pq_factory(d, None, nlist), faiss.METRIC_INNER_PRODUCT)
+    template.train(X[rng.choice(n, 4000, replace=False)])
+    faiss.downcast_index(template.index).k_factor = 4.0
+    faiss.extract_index_ivf(template).nprobe = nlist // 8
+    entries = []
+    for i, (a, b) in enumerate([(0, 5000), (5000, n)]):
+        save_shard(build_shard(X[a:b], a, kind="pq", template=template), tmp_path / shard_file(i))
+        entries.append(shard_entry(load_shard(tmp_path / shard_file(i)), shard_file(i), a, b, "pq"))
+    write_manifest(tmp_path, entries)
+    index = ShardedIndex(tmp_path)
+    _, ref = brute_force(X, Q, 100)
+
+    def recall(ids):
+        return np.mean([len(set(a) & set(b)) / 100 for a, b in zip(ids, ref)])
+
+    stored = index.search(Q, 100)
+    np.testing.assert_array_equal(stored[1], index.search(Q, 100, nprobe=nlist // 8, k_factor=4)[1])
+    every = index.search(Q, 100, nprobe=nlist)
+    np.testing.assert_array_equal(every[1], index.search(Q, 100, nprobe=nlist, k_factor=4)[1])  # k_factor kept
+    assert recall(stored[1]) < recall(every[1]), (recall(stored[1]), recall(every[1]))
+    assert recall(index.search(Q, 100, nprobe=nlist, k_factor=8)[1]) >= 0.9

@@ -71,7 +71,7 @@ def search_held(refs: list[ShardRef], q: np.ndarray, k: int, nprobe: int | None,
         index = _held(ref.path, ref.mtime_ns, ref.size)
         if index.ntotal == 0:
             continue
-        d, i = index.search(q, k, params=search_params(ref.kind, nprobe, k_factor))
+        d, i = index.search(q, k, params=search_params(ref.kind, nprobe, k_factor, index))
         all_d[s], all_i[s] = d, np.where(i >= 0, i + ref.offset, -1)
     d, i = faiss.merge_knn_results(all_d, all_i, keep_max=True)
     d[i < 0] = -np.inf

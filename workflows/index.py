@@ -318,7 +318,7 @@ def _build_index(store, client, whiten_on, L, dim, shard_rows, index_kind, white
                                     str(store.path / "index" / index_kind / k), pure=False)
                    if index_kind == "ivf" else
                    client.submit(train_pq_template, store, k, pq_m, 0, str(store.path / "index" / index_kind / k),
-                                 pure=False)
+                                 nlist=nlist, pure=False)
                    for k in VECTOR_KINDS}
         ivf = {k: f.result() for k, f in trained.items()}
         timings[f"{index_kind}_train_s"] = time.perf_counter() - t
@@ -483,7 +483,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     kinds.add_argument("--pq", dest="index_type", action="store_const", const="pq",
                        help="the same as --index-type pq")
     parser.add_argument("--pq-m", type=positive_int, help="pq: sub-quantisers (default D/2, 2 dimensions each)")
-    parser.add_argument("--nlist", type=int, help="IVF lists (default about 4 sqrt(N), a power of two)")
+    parser.add_argument("--nlist", type=int, help="IVF lists (default about 4 sqrt(N), a power of two); with "
+                        "--index-type pq: IVF lists in front of the pq codes (default none; 1024 at 1M)")
     parser.add_argument("--ivf-codec", choices=("flat", "sq8"), default="flat",
                         help="IVF list storage: float vectors or 8-bit scalar quantised (default %(default)s)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")

@@ -17,6 +17,10 @@ recall@1000 0.83-0.89 (docs/benchmarks.md). The "pq" index reaches 0.98 there an
 every row scanned as a 4-bit product-quantisation code with FAISS's SIMD fast-scan (``M = D/2``
 sub-quantisers, D/4 bytes a row), and the best ``k_factor x k`` re-scored with 8-bit scalar-quantised
 vectors (``PQ{M}x4fs,Refine(SQ8)``; D + D/4 bytes a row: 1.6 GB at 1M x 1280 against 5.1 GB flat).
+At 1M a top 1000 is 0.1 % of the database, and an IVF in front of the same codes keeps the deep
+neighbours: ``rmac index --index-type pq --nlist 1024`` (``IVF1024,PQ{M}x4fs,Refine(SQ8)``, ``nprobe``
+stored as nlist / 8) scanned 13 % of the rows for recall@1000 0.97 in 5 ms, FAISS alone on 2 threads
+(docs/benchmarks.md; not yet measured through `rmac bench scale`).
 """
 from __future__ import annotations
 
@@ -61,32 +65,39 @@ def sample_rows(store: Store, kind: str, size: int, seed: int = 0) -> np.ndarray
     return np.concatenate(out)[:size] if out else np.zeros((0, arr.shape[1]), np.float32)
 
 
-def pq_factory(d: int, m: int | None = None) -> str:
+def pq_factory(d: int, m: int | None = None, nlist: int | None = None) -> str:
     """The FAISS factory string of a pq index over ``d``-D vectors (``m`` sub-quantisers, default d/2; an
-    odd d gets one sub-quantiser per dimension)."""
+    odd d gets one sub-quantiser per dimension), behind ``nlist`` IVF lists if given."""
     m = int(m or (d // 2 if d % 2 == 0 else d))
     if d % m:
         raise ValueError(f"--pq-m {m} must divide the dimension {d}")
-    return f"IDMap,PQ{m}x4fs,Refine(SQ8)"
+    return f"IDMap,{f'IVF{int(nlist)},' if nlist else ''}PQ{m}x4fs,Refine(SQ8)"
 
 
 def train_pq_template(store: Store, kind: str, m: int | None = None, seed: int = 0, folder: str | None = None,
-                      k_factor: float = PQ_K_FACTOR) -> dict:
-    """Train an empty pq index (`pq_factory`) on a sample of ``kind`` vectors and save it in the index
-    folder (a Dask task, like `train_template`)."""
+                      k_factor: float = PQ_K_FACTOR, nlist: int | None = None) -> dict:
+    """Train an empty pq index (`pq_factory`, with ``nlist`` IVF lists in front if given, probing nlist / 8
+    by default) on a sample of ``kind`` vectors and save it in the index folder (a Dask task, like
+    `train_template`)."""
     import faiss
 
     from rmac.storage.index import save_shard
 
-    x = np.ascontiguousarray(sample_rows(store, kind, PQ_TRAIN, seed), dtype=np.float32)
-    spec = pq_factory(x.shape[1], m)
+    size = max(PQ_TRAIN, POINTS_PER_LIST * int(nlist or 0))
+    x = np.ascontiguousarray(sample_rows(store, kind, size, seed), dtype=np.float32)
+    nlist = max(1, min(int(nlist), len(x))) if nlist else None
+    spec = pq_factory(x.shape[1], m, nlist)
     index = faiss.index_factory(x.shape[1], spec, faiss.METRIC_INNER_PRODUCT)
     index.train(x)
     faiss.downcast_index(index.index).k_factor = float(k_factor)
+    info = {"factory": spec, "trained_on": int(len(x)), "k_factor": float(k_factor), "file": TEMPLATE}
+    if nlist:
+        info["nlist"] = nlist
+        info["nprobe"] = faiss.extract_index_ivf(index).nprobe = max(1, nlist // 8)
     folder = Path(folder) if folder else store.path / "index" / kind
     folder.mkdir(parents=True, exist_ok=True)
     save_shard(index, folder / TEMPLATE)
-    return {"factory": spec, "trained_on": int(len(x)), "k_factor": float(k_factor), "file": TEMPLATE}
+    return info
 
 
 def train_template(store: Store, kind: str, nlist: int | None = None, codec: str = "flat",

@@ -4,7 +4,8 @@ One run, side by side: build time per stage and the peak resident memory of ever
 scheduler, each worker: ``VmHWM`` from /proc, reset before each stage by ``/proc/self/clear_refs``);
 bytes per image on disk; filtering per query (p50 / p95) exact on the workers that hold the shards,
 exact in the client (the old path; skipped above 200k images, where it would load every shard into
-one process), and the approximate indexes (pq per ``--pq-m`` at a few ``k_factor``, IVF at a few
+one process), and the approximate indexes (pq per ``--pq-m`` and ``--pq-nlist`` at a few ``k_factor``
+(and ``nprobe`` behind IVF lists), IVF at a few
 ``nprobe``; flat16 on request; one shard per worker unless ``--approx-shard-rows``) with their
 recall@1000 against exact, each also timed inside the workers (FAISS alone, without Dask's round
 trip); AML re-ranking of the top 1000 read from the store, QE and the end-to-end query time (query
@@ -172,7 +173,7 @@ def bench_scale(count: int, workdir: str | None = None, keep: bool = False, n_wo
                 top_n: int = 1000, n_queries: int | None = None, nprobes=NPROBES, seed: int = 0,
                 similarity_sample: int = 2000, progress: bool = False, approximate=APPROXIMATE,
                 k_factors=K_FACTORS, partition_size: int = DISTRACTOR_PARTITION, pq_ms=(None,),
-                approx_shard_rows: int | None = None) -> dict:
+                approx_shard_rows: int | None = None, pq_nlists=(None,)) -> dict:
     from rmac.ops import whitening as wh  # noqa: F401  (workers unpickle whitening objects)
     from rmac.storage.datasets import load_dataset
     from rmac.storage.store import Store, StoreError
@@ -213,7 +214,8 @@ def bench_scale(count: int, workdir: str | None = None, keep: bool = False, n_wo
             w = load_whitenings(dev)
             need = bytes_needed(image_bytes(dev.map_bytes() / dev.n_images, dev.config.channels,
                                             w.regional.proj.shape[0],
-                                            [a for a in approximate for _ in (pq_ms if a == "pq" else (None,))]),
+                                            [a for a in approximate
+                                             for _ in (range(len(pq_ms) * len(pq_nlists)) if a == "pq" else (None,))]),
                                 count)
             if not (root / "distractors" / "manifest.json").exists():
                 check_disk(root, need, count)
@@ -242,9 +244,10 @@ def bench_scale(count: int, workdir: str | None = None, keep: bool = False, n_wo
             # the refine, the merge): five 100k pq shards took twice the time of one 500k shard
             approx_rows = approx_shard_rows or -(-d.n_images // out["workers"])
             out["approx_shard_rows"] = approx_rows
-            variants = [(f"pq{m or ''}" if itype == "pq" else itype, itype, m)
-                        for itype in approximate for m in (pq_ms if itype == "pq" else (None,))]
-            for name, itype, m in variants:
+            variants = [(f"pq{m or ''}{f'_ivf{nl}' if nl else ''}" if itype == "pq" else itype, itype, m, nl)
+                        for itype in approximate for m in (pq_ms if itype == "pq" else (None,))
+                        for nl in (pq_nlists if itype == "pq" else (None,))]
+            for name, itype, m, nl in variants:
                 peaks.reset()
                 folder = d.path / f"index-{name}" / "rmac"
                 t = time.perf_counter()
@@ -253,7 +256,7 @@ def bench_scale(count: int, workdir: str | None = None, keep: bool = False, n_wo
                     meta.update(client.submit(train_template, d, "rmac", None, "flat", seed, str(folder),
                                               pure=False).result())
                 elif itype == "pq":
-                    meta.update(client.submit(train_pq_template, d, "rmac", m, seed, str(folder),
+                    meta.update(client.submit(train_pq_template, d, "rmac", m, seed, str(folder), nlist=nl,
                                               pure=False).result())
                 stages[f"{name}_train_s"] = time.perf_counter() - t
                 t = time.perf_counter()
@@ -313,14 +316,15 @@ def bench_scale(count: int, workdir: str | None = None, keep: bool = False, n_wo
             peaks.read("filtering exact (exact shards held by workers)")
             client.run(release_held)  # at 1M the exact and approximate shards would not all fit
             how: dict[str, tuple] = {}  # setting -> (index folder, nprobe, k_factor)
-            for vname, itype, _ in variants:
+            for vname, itype, _, nl in variants:
                 peaks.reset()
                 adb = Database([dev, d])
                 adb.scattered = ScatteredFilter(client, [dev.path, d.path], adb.offsets[:-1].tolist(),
                                                 f"index-{vname}")
                 adb.scattered.warm("rmac")
                 settings = {"ivf": [(f"ivf_nprobe{n}", n, None) for n in nprobes],
-                            "pq": [(f"{vname}_k{kf:g}", None, kf) for kf in k_factors]}.get(itype, [(itype, None, None)])
+                            "pq": [(f"{vname}_k{kf:g}{f'_nprobe{n}' if n else ''}", n, kf) for kf in k_factors
+                                   for n in (nprobes if nl else (None,))]}.get(itype, [(itype, None, None)])
                 for name, nprobe, kf in settings:
                     times, found = time_filter(adb, "rmac", Q, top_n, nprobe, k_factor=kf)
                     inside = time_in_workers(adb.scattered, "rmac", Q, top_n, nprobe, kf)
@@ -468,6 +472,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="pq k-factors to measure (default %(default)s)")
     p.add_argument("--pq-m", type=positive_int, nargs="+", default=[None], metavar="M",
                    help="pq sub-quantisers, one pq index per value (default: D/2)")
+    p.add_argument("--pq-nlist", type=positive_int, nargs="+", default=[None], metavar="N",
+                   help="IVF lists in front of the pq codes, one pq index per value (measured at each --nprobe; "
+                        "default: none)")
     p.add_argument("--approx-shard-rows", type=positive_int,
                    help="rows per shard of the approximate indexes (default: the distractors over the workers, "
                         "one shard each)")
@@ -491,7 +498,7 @@ def main(args: argparse.Namespace) -> int:
                           args.shard_rows, args.top_n, args.queries, tuple(args.nprobe),
                           similarity_sample=args.similarity_sample, progress=False,
                           approximate=tuple(args.approximate), k_factors=tuple(args.k_factor),
-                          partition_size=args.partition_size, pq_ms=tuple(args.pq_m),
+                          partition_size=args.partition_size, pq_ms=tuple(args.pq_m), pq_nlists=tuple(args.pq_nlist),
                           approx_shard_rows=args.approx_shard_rows)
         print_report(res)
         if args.json_out:
