@@ -17,10 +17,11 @@ recall@1000 0.83-0.89 (docs/benchmarks.md). The "pq" index reaches 0.98 there an
 every row scanned as a 4-bit product-quantisation code with FAISS's SIMD fast-scan (``M = D/2``
 sub-quantisers, D/4 bytes a row), and the best ``k_factor x k`` re-scored with 8-bit scalar-quantised
 vectors (``PQ{M}x4fs,Refine(SQ8)``; D + D/4 bytes a row: 1.6 GB at 1M x 1280 against 5.1 GB flat).
-At 1M a top 1000 is 0.1 % of the database, and an IVF in front of the same codes keeps the deep
-neighbours: ``rmac index --index-type pq --nlist 1024`` (``IVF1024,PQ{M}x4fs,Refine(SQ8)``, ``nprobe``
-stored as nlist / 8) scanned 13 % of the rows for recall@1000 0.97 in 5 ms, FAISS alone on 2 threads
-(docs/benchmarks.md; not yet measured through `rmac bench scale`).
+``rmac index --index-type pq --nlist N`` puts N IVF lists in front of the same codes
+(``IVF{N},PQ{M}x4fs,Refine(SQ8)``, ``nprobe`` stored as N / 8): at 1M with N = 1024 it filters in 8-9 ms
+as the client sees it, but the real query crops' recall@1000 is only 0.79-0.88 at nprobe 64-128
+(database images used as queries reached 0.95-0.97: they sit near their own list's centroid), so plain
+pq stays the measured choice for a top 1000 (docs/benchmarks.md).
 """
 from __future__ import annotations
 

@@ -467,14 +467,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="images per distractor partition (default %(default)s)")
     p.add_argument("--top-n", type=int, default=1000)
     p.add_argument("--queries", type=int, help="use the first QUERIES dev queries (default all)")
-    p.add_argument("--nprobe", type=int, nargs="+", default=list(NPROBES), help="IVF nprobe values to measure")
+    p.add_argument("--nprobe", type=int, nargs="+", default=list(NPROBES),
+                   help="nprobe values to measure (IVF, and pq behind IVF lists)")
     p.add_argument("--k-factor", type=float, nargs="+", default=list(K_FACTORS),
                    help="pq k-factors to measure (default %(default)s)")
     p.add_argument("--pq-m", type=positive_int, nargs="+", default=[None], metavar="M",
                    help="pq sub-quantisers, one pq index per value (default: D/2)")
-    p.add_argument("--pq-nlist", type=positive_int, nargs="+", default=[None], metavar="N",
-                   help="IVF lists in front of the pq codes, one pq index per value (measured at each --nprobe; "
-                        "default: none)")
+    p.add_argument("--pq-nlist", type=int, nargs="+", default=[0], metavar="N",
+                   help="IVF lists in front of the pq codes, one pq index per value, 0 for none (measured at each "
+                        "--nprobe; default: 0)")
     p.add_argument("--approx-shard-rows", type=positive_int,
                    help="rows per shard of the approximate indexes (default: the distractors over the workers, "
                         "one shard each)")
@@ -498,7 +499,7 @@ def main(args: argparse.Namespace) -> int:
                           args.shard_rows, args.top_n, args.queries, tuple(args.nprobe),
                           similarity_sample=args.similarity_sample, progress=False,
                           approximate=tuple(args.approximate), k_factors=tuple(args.k_factor),
-                          partition_size=args.partition_size, pq_ms=tuple(args.pq_m), pq_nlists=tuple(args.pq_nlist),
+                          partition_size=args.partition_size, pq_ms=tuple(args.pq_m), pq_nlists=tuple(n or None for n in args.pq_nlist),
                           approx_shard_rows=args.approx_shard_rows)
         print_report(res)
         if args.json_out:
