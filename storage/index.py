@@ -76,12 +76,6 @@ def build_shard(
     x = np.ascontiguousarray(vectors, dtype=np.float32)
     if x.ndim != 2:
         raise ValueError(f"vectors must be 2-D (n, D), got shape {x.shape}")
-    keep = valid_rows(x)
-    if valid is not None:
-        keep &= np.asarray(valid, dtype=bool)
-    rows = np.flatnonzero(keep)
-    ids = (int(start) + rows).astype(np.int64)
-    x = np.ascontiguousarray(x[rows])
     d = x.shape[1]
 
     if kind == "flat":
@@ -98,7 +92,7 @@ def build_shard(
     elif kind == "pq":
         raise ValueError("a pq shard is built from a trained template (rmac.workflows.ivf.train_template)")
     else:
-        sample = x if train is None else np.ascontiguousarray(train, dtype=np.float32)
+        sample = x[_rows_to_add(x, valid)] if train is None else np.ascontiguousarray(train, dtype=np.float32)
         sample = sample[valid_rows(sample)]
         if len(sample) == 0:
             raise ValueError("an IVF shard needs training vectors: the shard has no valid rows "
@@ -109,20 +103,24 @@ def build_shard(
         index.train(sample)
         if nprobe is not None:
             index.nprobe = int(nprobe)
-    if len(x):
-        index.add_with_ids(x, ids)
+    add_rows(index, x, start, valid)
     return index
 
 
-def add_rows(index: faiss.Index, vectors: np.ndarray, start: int, valid: np.ndarray | None = None) -> int:
-    """Add rows ``start .. start+len(vectors)`` to a built shard (as `build_shard` adds them: invalid
-    rows left out, ids the global row numbers); returns how many were added. A shard built chunk by
-    chunk this way is the shard built at once, without holding all its vectors."""
-    x = np.ascontiguousarray(vectors, dtype=np.float32)
+def _rows_to_add(x: np.ndarray, valid: np.ndarray | None) -> np.ndarray:
+    """Row numbers of ``x`` a shard indexes: valid vectors (`valid_rows`) that ``valid`` keeps."""
     keep = valid_rows(x)
     if valid is not None:
         keep &= np.asarray(valid, dtype=bool)
-    rows = np.flatnonzero(keep)
+    return np.flatnonzero(keep)
+
+
+def add_rows(index: faiss.Index, vectors: np.ndarray, start: int, valid: np.ndarray | None = None) -> int:
+    """Add rows ``start .. start+len(vectors)`` to a shard (invalid rows left out, ids the global row
+    numbers; `build_shard` adds its rows so); returns how many were added. A shard built chunk by chunk
+    this way is the shard built at once, without holding all its vectors."""
+    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    rows = _rows_to_add(x, valid)
     if len(rows):
         index.add_with_ids(np.ascontiguousarray(x[rows]), (int(start) + rows).astype(np.int64))
     return int(len(rows))

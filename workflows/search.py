@@ -643,7 +643,8 @@ def add_filter_arguments(parser: argparse.ArgumentParser) -> None:
     """The approximate filtering indexes' per-query settings (`rmac index --ivf / --pq`)."""
     from rmac.workflows.args import float_range, positive_int
 
-    parser.add_argument("--nprobe", type=positive_int, help="IVF lists probed per shard (indexes built with --ivf, or --index-type pq --nlist)")
+    parser.add_argument("--nprobe", type=positive_int,
+                        help="IVF lists probed per shard (indexes built with --ivf, or --index-type pq --nlist)")
     parser.add_argument("--k-factor", type=float_range(1, 1000), metavar="F",
                         help="indexes built with --pq: the fast-scan stage keeps F x top-n candidates, re-scored "
                              "with the 8-bit vectors (default: the one stored in the index, 4; 2 in indexes built before 2026-12)")

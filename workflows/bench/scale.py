@@ -499,7 +499,8 @@ def main(args: argparse.Namespace) -> int:
                           args.shard_rows, args.top_n, args.queries, tuple(args.nprobe),
                           similarity_sample=args.similarity_sample, progress=False,
                           approximate=tuple(args.approximate), k_factors=tuple(args.k_factor),
-                          partition_size=args.partition_size, pq_ms=tuple(args.pq_m), pq_nlists=tuple(n or None for n in args.pq_nlist),
+                          partition_size=args.partition_size, pq_ms=tuple(args.pq_m),
+                          pq_nlists=tuple(n or None for n in args.pq_nlist),
                           approx_shard_rows=args.approx_shard_rows)
         print_report(res)
         if args.json_out:
