@@ -70,6 +70,19 @@ def test_cost_curve_plot_from_earlier_runs(tmp_path, capsys):
     assert cli.main(["bench", "scale"]) == 2 and "give --count" in capsys.readouterr().err
 
 
+def test_summary_line_without_approximate_indexes():
+    """`--approximate` with nothing: the summary says so instead of failing (it did, after a whole run)."""
+    from rmac.workflows.bench.scale import best_approximate, summary_line
+
+    res = _run_figures(10_186)
+    res["filtering"] = {"exact_workers": {"p50_ms": 40.0, "p95_ms": 50.0}}
+    res.update(top_n=1000, stages_s={"distractors_s": 3.0}, query_filter="exact_workers",
+               query={k: {"p50": 0.5, "p95": 0.6} for k in ("rerank_s", "qe_s", "end_to_end_s")})
+    assert best_approximate(res["filtering"]) is None
+    line = summary_line(res)
+    assert " approx=none " in line and "query_filter=exact_workers" in line and "e2e_p50_s=0.5" in line
+
+
 @pytest.mark.slow
 def test_a_small_run_end_to_end_then_reused(scheduler, tmp_path):
     """`bench_scale` at N = 300 on the test cluster: every figure there, the query filtered by a pq
@@ -78,19 +91,21 @@ def test_a_small_run_end_to_end_then_reused(scheduler, tmp_path):
     from rmac.workflows.bench.scale import bench_scale, summary_line
 
     kw = dict(workdir=str(tmp_path / "w"), keep=True, scheduler=scheduler, max_size=256, shard_rows=64,
-              n_queries=2, approximate=("pq",), pq_ms=(None, 320), k_factors=(8,), partition_size=32,
+              n_queries=2, approximate=("pq",), pq_dims=(None, 128), k_factors=(8,), partition_size=32,
               pq_nlists=(None, 4), nprobes=(4,),
               similarity_sample=40, top_n=100)
     res = bench_scale(300, **kw)
     assert res["db_images"] == 300 + 186 and res["queries"] == 2 and res["workers"] == 2
     assert res["distractors_indexed"] == {"partitions": 10, "of": 10}
     f = res["filtering"]
-    pq = ("pq_k8", "pq320_k8", "pq_ivf4_k8_nprobe4", "pq320_ivf4_k8_nprobe4")  # behind IVF: every list probed
+    pq = ("pq_k8", "pq_d128_k8", "pq_ivf4_k8_nprobe4", "pq_d128_ivf4_k8_nprobe4")  # behind IVF: every list probed
     assert {"exact_workers", "exact_client", *pq} <= set(f)
     assert f["exact_client"]["recall_vs_workers"] > 0.99
     assert all(0.9 <= f[k]["recall@100"] <= 1.0 for k in pq)
-    assert res["approximate"]["pq320"]["factory"] == "IDMap,PQ320x4fs,Refine(SQ8)"
-    assert res["approximate"]["pq320_ivf4"]["factory"] == "IDMap,IVF4,PQ320x4fs,Refine(SQ8)"
+    assert res["approximate"]["pq"]["factory"] == "IDMap,PQ640x4fs,Refine(SQ8)"
+    assert res["approximate"]["pq_d128"]["factory"] == "IDMap,PCA128,PQ64x4fs,Refine(SQ8)"
+    assert res["approximate"]["pq_d128_ivf4"]["factory"] == "IDMap,PCA128,IVF4,PQ64x4fs,Refine(SQ8)"
+    assert res["approximate"]["pq_d128"]["scan_dim"] == 128
     assert res["approx_shard_rows"] == 150  # one shard per worker
     assert res["query_filter"] in pq
     for k in ("filter_s", "rerank_s", "qe_s", "end_to_end_s", "extract_s"):

@@ -94,21 +94,25 @@ def test_build_shard_from_template_equals_its_own_training():
         build_shard(x[:10], 0, kind="ivf", template=a)
 
 
-@pytest.mark.parametrize("index_type,nlist", [("pq", None), ("pq", 4), ("flat16", None)])
-def test_pq_and_flat16_indexes_through_the_workers(client, dev_store, tmp_path, index_type, nlist):
-    """`rmac index --index-type pq [--nlist N] | flat16`: shards on the workers, `k_factor` (and pq behind
-    IVF lists: `nprobe`) reaching them, the exact top k found (pq: with enough candidates re-scored)."""
+@pytest.mark.parametrize("index_type,nlist,pq_dim", [("pq", None, None), ("pq", 4, None), ("pq", None, 128),
+                                                    ("flat16", None, None)])
+def test_pq_and_flat16_indexes_through_the_workers(client, dev_store, tmp_path, index_type, nlist, pq_dim):
+    """`rmac index --index-type pq [--nlist N] [--pq-dim d] | flat16`: shards on the workers, `k_factor` (and pq
+    behind IVF lists: `nprobe`) reaching them, the exact top k found (pq: with enough candidates re-scored).
+    Indexed again with the same pq parameters nothing is built; with others the pq index is built anew."""
     from rmac.workflows.index import build_index, load_whitenings
     from rmac.workflows.ivf import PQ_K_FACTOR
 
-    path = tmp_path / f"{index_type}-store"
+    path = tmp_path / f"{index_type}-{nlist}-{pq_dim}-store"
     shutil.copytree(dev_store.path, path)
     st = Store(path)
     info = build_index(st, client, whitening=load_whitenings(st), whiten_label="dev distractors", shard_rows=16,
-                       index_kind=index_type, progress=False, nlist=nlist)
+                       index_kind=index_type, progress=False, nlist=nlist, pq_dim=pq_dim)
     assert info["index_kind"] == index_type and info["shards"] >= 3
     if index_type == "pq":
-        assert info["pq"]["rmac"]["factory"].startswith("IDMap,IVF4,PQ" if nlist else "IDMap,PQ")
+        assert info["pq"]["rmac"]["factory"].startswith(
+            "IDMap,IVF4,PQ" if nlist else "IDMap,PCA128,PQ64x4fs" if pq_dim else "IDMap,PQ")
+        assert info["trained_with"] == {"nlist": nlist, "ivf_codec": "flat", "pq_m": None, "pq_dim": pq_dim}
         assert info["pq"]["rmac"].get("nprobe") == (1 if nlist else None)  # nlist / 8, at least 1
         assert info["pq"]["rmac"]["k_factor"] == PQ_K_FACTOR == 4  # stored in every shard
         assert "pq_train_s" in info["timings"]
@@ -121,6 +125,14 @@ def test_pq_and_flat16_indexes_through_the_workers(client, dev_store, tmp_path, 
         assert found >= 0.95, (kind, found)
         _, one_i = approx.filter(kind, q, 20, nprobe=nlist, k_factor=1)  # (1 list of 4 may hold < 20)
         assert one_i.shape == (len(q), 20) and (one_i >= 0).all()
+    if pq_dim:
+        kw = dict(whitening=load_whitenings(st), whiten_label="dev distractors", shard_rows=16,
+                  index_kind=index_type, progress=False)
+        same = build_index(st, client, pq_dim=pq_dim, **kw)
+        assert same["incremental"] and same["shards_built"] == 0
+        other = build_index(st, client, pq_dim=None, **kw)  # other parameters: built anew, not extended
+        assert not other["incremental"] and other["shards_built"] == other["shards"] >= 3
+        assert other["pq"]["rmac"]["factory"] == "IDMap,PQ640x4fs,Refine(SQ8)"
 
 
 def test_an_index_beside_the_committed_one(client, dev_store, tmp_path):

@@ -259,6 +259,48 @@ def test_pq_factory_sizes():
     assert pq_factory(512, 128) == "IDMap,PQ128x4fs,Refine(SQ8)"
     with pytest.raises(ValueError, match="divide"):
         pq_factory(10, 3)
+    assert pq_factory(1280, dim=512) == "IDMap,PCA512,PQ256x4fs,Refine(SQ8)"  # the re-scoring stays 1280-D
+    assert pq_factory(1280, 128, 1024, dim=512) == "IDMap,PCA512,IVF1024,PQ128x4fs,Refine(SQ8)"
+    assert pq_factory(64, dim=64) == "IDMap,PQ32x4fs,Refine(SQ8)"  # every axis: no projection
+    with pytest.raises(ValueError, match="pq-dim"):
+        pq_factory(64, dim=65)
+
+
+def test_pq_codes_of_fewer_axes_keep_inner_products_and_rescore_in_full():
+    """`--pq-dim`: the codes are of the vectors' projections on their top axes, found by an uncentred PCA
+    (a projected inner product is the inner product within those axes, not shifted by each row's
+    product with the mean); the candidates are re-scored with the whole
+    vectors. On data whose energy lies mostly in 32 of 64 dimensions, with a large common mean (where a
+    centred PCA would mis-rank), codes of 32 axes find the top 100 better than codes of all 64 axes in as
+    many bytes, and score it like the exact cosine."""
+    from rmac.workflows.ivf import pq_factory, train_uncentred_pca
+
+    rng = np.random.default_rng(11)
+    d, n, r = 64, 12_000, 32
+    basis = np.linalg.qr(rng.standard_normal((d, d)))[0]
+    spread = np.r_[np.ones(r), np.full(d - r, 0.02)]
+    X = l2n((rng.standard_normal((n, d)) * spread + 3 * spread * rng.standard_normal(d)) @ basis.T)
+    Q = l2n(X[rng.choice(n, 30, replace=False)] + 0.05 * rng.standard_normal((30, d)).astype(np.float32))
+    index = faiss.index_factory(d, pq_factory(d, dim=r), faiss.METRIC_INNER_PRODUCT)
+    train_uncentred_pca(index, X[:4000])
+    index.train(X[:4000])
+    pre = faiss.downcast_index(faiss.downcast_index(index.index).base_index)
+    pca = faiss.downcast_VectorTransform(pre.chain.at(0))
+    assert np.abs(faiss.vector_to_array(pca.b)).max() < 1e-5  # nothing subtracted
+    proj = pca.apply(Q) @ pca.apply(X).T
+    assert np.abs(proj - Q @ X.T).max() < 0.05  # inner products kept within the top axes
+    index.add_with_ids(X, np.arange(n, dtype=np.int64) + 1000)
+    _, ref = brute_force(X, Q, 100)
+    params = faiss.IndexRefineSearchParameters(k_factor=8)
+    scores, ids = index.search(Q, 100, params=params)
+    recall = np.mean([len(set(a - 1000) & set(b)) / 100 for a, b in zip(ids, ref)])
+    plain = faiss.index_factory(d, pq_factory(d, m=r // 2), faiss.METRIC_INNER_PRODUCT)  # the same bytes a row
+    plain.train(X[:4000])
+    plain.add_with_ids(X, np.arange(n, dtype=np.int64))
+    plain_recall = np.mean([len(set(a) & set(b)) / 100 for a, b in zip(plain.search(Q, 100, params=params)[1], ref)])
+    assert recall > 0.9 and recall > plain_recall + 0.1, (recall, plain_recall)
+    exact = np.einsum("qd,qkd->qk", Q, X[ids - 1000])
+    assert np.median(np.abs(scores - exact)) < 0.005  # re-scored with the 64-D 8-bit vectors
 
 
 @pytest.mark.parametrize("kind", ["flat", "flat16", "pq", "ivf"])

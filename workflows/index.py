@@ -203,11 +203,12 @@ def build_index(store: Store, client, whiten_on: Store | None = None, L: int = D
                 index_kind: str = "flat", whiten_subset: np.ndarray | None = None,
                 whiten_label: str | None = None, whitening: Whitenings | None = None,
                 progress: bool = True, refit: bool = False, wait: bool = False, nlist: int | None = None,
-                ivf_codec: str = "flat", shrinkage: float = wh.DEFAULT_SHRINKAGE, pq_m: int | None = None) -> dict:
+                ivf_codec: str = "flat", shrinkage: float = wh.DEFAULT_SHRINKAGE, pq_m: int | None = None,
+                pq_dim: int | None = None) -> dict:
     """Whitening, global vectors and FAISS shards for ``store``; returns timings and what was built.
 
     ``index_kind``: one of `rmac.storage.index.KINDS` (flat, flat16, ivf with ``nlist`` and ``ivf_codec``,
-    pq with ``pq_m`` sub-quantisers); see `rmac index --help`.
+    pq with ``pq_m`` sub-quantisers over the vectors' top ``pq_dim`` principal axes); see `rmac index --help`.
 
     The whitening is fitted on ``whiten_on`` (default: the store itself), on the rows of
     ``whiten_subset`` only when given; or taken as given (``whitening``, labelled ``whiten_label``),
@@ -224,12 +225,12 @@ def build_index(store: Store, client, whiten_on: Store | None = None, L: int = D
         store.reload()  # what the previous holder committed; the caller's handle sees what we commit
         finish_commit(store)
         return _build_index(store, client, whiten_on, L, dim, shard_rows, index_kind, whiten_subset,
-                            whiten_label, whitening, progress, refit, nlist, ivf_codec, shrinkage, pq_m)
+                            whiten_label, whitening, progress, refit, nlist, ivf_codec, shrinkage, pq_m, pq_dim)
 
 
 def _build_index(store, client, whiten_on, L, dim, shard_rows, index_kind, whiten_subset, whiten_label,
                  whitening, progress, refit, nlist=None, ivf_codec="flat",
-                 shrinkage=wh.DEFAULT_SHRINKAGE, pq_m=None) -> dict:
+                 shrinkage=wh.DEFAULT_SHRINKAGE, pq_m=None, pq_dim=None) -> dict:
     from distributed import wait
 
     store.require_complete()
@@ -250,10 +251,15 @@ def _build_index(store, client, whiten_on, L, dim, shard_rows, index_kind, white
     # a whitening given (a distractor store taking its dataset's) that is the one indexed with: nothing to refit
     same_given = (whitening is not None and before is not None and before.get("whitening_id") == whitening_set_id(
         {kind: (wk.mean, wk.proj, wk.eigvals) for kind, wk in zip(WHITENING_KINDS, whitening)}))
+    # a trained index (ivf, pq) asked for with other parameters is built again, not extended
+    trained_with = ({"nlist": nlist, "ivf_codec": ivf_codec, "pq_m": pq_m, "pq_dim": pq_dim}
+                    if index_kind in TRAINED_KINDS else {})
     incremental = (before is not None and "commit" in before and not refit and (whitening is None or same_given)
                    and whiten_on is None
                    and whiten_subset is None and before.get("L") == L and before.get("index_kind") == index_kind
-                   and (dim is None or before.get("dim") == min(dim, store.config.channels)))
+                   and (dim is None or before.get("dim") == min(dim, store.config.channels))
+                   and before.get("trained_with", dict.fromkeys(trained_with) | {"ivf_codec": "flat"}
+                                  if trained_with else {}) == trained_with)
     if incremental and same_given:
         w, wid, fitted_on = whitening, before["whitening_id"], before["whitening"]
     elif incremental:
@@ -318,7 +324,7 @@ def _build_index(store, client, whiten_on, L, dim, shard_rows, index_kind, white
                                     str(store.path / "index" / index_kind / k), pure=False)
                    if index_kind == "ivf" else
                    client.submit(train_pq_template, store, k, pq_m, 0, str(store.path / "index" / index_kind / k),
-                                 nlist=nlist, pure=False)
+                                 nlist=nlist, dim=pq_dim, pure=False)
                    for k in VECTOR_KINDS}
         ivf = {k: f.result() for k, f in trained.items()}
         timings[f"{index_kind}_train_s"] = time.perf_counter() - t
@@ -337,6 +343,8 @@ def _build_index(store, client, whiten_on, L, dim, shard_rows, index_kind, white
             "partitions": store.n_partitions, "revision": int(store.manifest.get("revision", 0)),
             "incremental": incremental, "partitions_indexed": len(redo), "shards_built": len(ranges),
             "timings": {k: round(v, 3) for k, v in timings.items()}}
+    if trained_with:
+        info["trained_with"] = trained_with
     if ivf:
         info[index_kind] = ivf  # what each vector kind's template was trained on
     commit_index(store, info, shards)
@@ -482,7 +490,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="the same as --index-type ivf")
     kinds.add_argument("--pq", dest="index_type", action="store_const", const="pq",
                        help="the same as --index-type pq")
-    parser.add_argument("--pq-m", type=positive_int, help="pq: sub-quantisers (default D/2, 2 dimensions each)")
+    parser.add_argument("--pq-m", type=positive_int, help="pq: sub-quantisers (default: 2 dimensions each)")
+    parser.add_argument("--pq-dim", type=positive_int,
+                        help="pq: code the vectors' projections on their top PQ_DIM principal axes (default: all "
+                             "D); the candidates are still re-scored with the whole vectors (docs/benchmarks.md)")
     parser.add_argument("--nlist", type=int, help="IVF lists (default about 4 sqrt(N), a power of two); with "
                         "--index-type pq: IVF lists in front of the pq codes (default none; 1024 at 1M)")
     parser.add_argument("--ivf-codec", choices=("flat", "sq8"), default="flat",
@@ -499,7 +510,8 @@ def main(args: argparse.Namespace, client) -> int:
     store = Store(args.store)
     other = Store(args.whiten_on) if args.whiten_on else None
     info = build_index(store, client, other, args.L, args.dim, args.shard_rows, args.index_type,
-                       refit=args.refit, wait=args.wait, nlist=args.nlist, ivf_codec=args.ivf_codec, pq_m=args.pq_m)
+                       refit=args.refit, wait=args.wait, nlist=args.nlist, ivf_codec=args.ivf_codec, pq_m=args.pq_m,
+                       pq_dim=args.pq_dim)
     print(json.dumps(info, indent=1) if args.json else
           f"indexed {store.path}: whitening fitted on {info['whitening']}, {info['dim']}-D, "
           f"{info['shards']} shard(s); {info['partitions_indexed']} partition(s) and {info['shards_built']} "

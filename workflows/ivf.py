@@ -66,20 +66,49 @@ def sample_rows(store: Store, kind: str, size: int, seed: int = 0) -> np.ndarray
     return np.concatenate(out)[:size] if out else np.zeros((0, arr.shape[1]), np.float32)
 
 
-def pq_factory(d: int, m: int | None = None, nlist: int | None = None) -> str:
-    """The FAISS factory string of a pq index over ``d``-D vectors (``m`` sub-quantisers, default d/2; an
-    odd d gets one sub-quantiser per dimension), behind ``nlist`` IVF lists if given."""
-    m = int(m or (d // 2 if d % 2 == 0 else d))
-    if d % m:
-        raise ValueError(f"--pq-m {m} must divide the dimension {d}")
-    return f"IDMap,{f'IVF{int(nlist)},' if nlist else ''}PQ{m}x4fs,Refine(SQ8)"
+def pq_factory(d: int, m: int | None = None, nlist: int | None = None, dim: int | None = None) -> str:
+    """The FAISS factory string of a pq index over ``d``-D vectors: ``m`` sub-quantisers (default: two
+    dimensions each; an odd dimension gets one each), behind ``nlist`` IVF lists if given. ``dim``: the
+    codes are of the vectors projected on their top ``dim`` principal axes (``PCA{dim}``, made uncentred
+    by `train_uncentred_pca`); the candidates are still re-scored with the whole ``d``-D vectors."""
+    scan = int(dim or d)
+    if not 1 <= scan <= d:
+        raise ValueError(f"--pq-dim {dim} must be in 1..{d}")
+    m = int(m or (scan // 2 if scan % 2 == 0 else scan))
+    if scan % m:
+        raise ValueError(f"--pq-m {m} must divide the dimension scanned, {scan}")
+    pca = f"PCA{scan}," if dim and scan < d else ""
+    return f"IDMap,{pca}{f'IVF{int(nlist)},' if nlist else ''}PQ{m}x4fs,Refine(SQ8)"
+
+
+def train_uncentred_pca(index, x: np.ndarray) -> None:
+    """Train the ``PCA{dim}`` in front of a `pq_factory` index's codes on ``x`` without centring: its axes
+    are the top eigenvectors of ``x``'s second moment and nothing is subtracted, so inner products keep
+    their meaning (FAISS's own PCA subtracts the mean, which adds ``-<mean, x>`` to each row's score).
+    Written by hand into FAISS's PCAMatrix (mean 0), which has no uncentred mode; with fewer samples than
+    dimensions the last axes span directions the sample never reaches."""
+    import faiss
+
+    pre = faiss.downcast_index(faiss.downcast_index(index.index).base_index)
+    pca = faiss.downcast_VectorTransform(pre.chain.at(0))
+    moment = np.zeros((pca.d_in, pca.d_in))
+    for a in range(0, len(x), 8192):  # float64 sums, 8192 rows at a time (a 1280-D sample is 335 MB already)
+        chunk = np.asarray(x[a:a + 8192], dtype=np.float64)
+        moment += chunk.T @ chunk
+    vals, vecs = np.linalg.eigh(moment / max(len(x), 1))
+    order = np.argsort(vals)[::-1]
+    faiss.copy_array_to_vector(np.zeros(pca.d_in, np.float32), pca.mean)
+    faiss.copy_array_to_vector(np.maximum(vals[order], 0).astype(np.float32), pca.eigenvalues)
+    faiss.copy_array_to_vector(np.ascontiguousarray(vecs[:, order].T, dtype=np.float32).ravel(), pca.PCAMat)
+    pca.is_trained = True
+    pca.prepare_Ab()
 
 
 def train_pq_template(store: Store, kind: str, m: int | None = None, seed: int = 0, folder: str | None = None,
-                      k_factor: float = PQ_K_FACTOR, nlist: int | None = None) -> dict:
+                      k_factor: float = PQ_K_FACTOR, nlist: int | None = None, dim: int | None = None) -> dict:
     """Train an empty pq index (`pq_factory`, with ``nlist`` IVF lists in front if given, probing nlist / 8
-    by default) on a sample of ``kind`` vectors and save it in the index folder (a Dask task, like
-    `train_template`)."""
+    by default, and codes of ``dim``-D projections if given) on a sample of ``kind`` vectors and save it
+    in the index folder (a Dask task, like `train_template`)."""
     import faiss
 
     from rmac.storage.index import save_shard
@@ -87,11 +116,15 @@ def train_pq_template(store: Store, kind: str, m: int | None = None, seed: int =
     size = max(PQ_TRAIN, POINTS_PER_LIST * int(nlist or 0))
     x = np.ascontiguousarray(sample_rows(store, kind, size, seed), dtype=np.float32)
     nlist = max(1, min(int(nlist), len(x))) if nlist else None
-    spec = pq_factory(x.shape[1], m, nlist)
+    spec = pq_factory(x.shape[1], m, nlist, dim)
     index = faiss.index_factory(x.shape[1], spec, faiss.METRIC_INNER_PRODUCT)
+    if ",PCA" in spec:
+        train_uncentred_pca(index, x)
     index.train(x)
     faiss.downcast_index(index.index).k_factor = float(k_factor)
     info = {"factory": spec, "trained_on": int(len(x)), "k_factor": float(k_factor), "file": TEMPLATE}
+    if ",PCA" in spec:
+        info["scan_dim"] = int(dim)
     if nlist:
         info["nlist"] = nlist
         info["nprobe"] = faiss.extract_index_ivf(index).nprobe = max(1, nlist // 8)

@@ -4,7 +4,7 @@ One run, side by side: build time per stage and the peak resident memory of ever
 scheduler, each worker: ``VmHWM`` from /proc, reset before each stage by ``/proc/self/clear_refs``);
 bytes per image on disk; filtering per query (p50 / p95) exact on the workers that hold the shards,
 exact in the client (the old path; skipped above 200k images, where it would load every shard into
-one process), and the approximate indexes (pq per ``--pq-m`` and ``--pq-nlist`` at a few ``k_factor``
+one process), and the approximate indexes (pq per ``--pq-m``, ``--pq-dim`` and ``--pq-nlist`` at a few ``k_factor``
 (and ``nprobe`` behind IVF lists), IVF at a few
 ``nprobe``; flat16 on request; one shard per worker unless ``--approx-shard-rows``) with their
 recall@1000 against exact, each also timed inside the workers (FAISS alone, without Dask's round
@@ -173,7 +173,7 @@ def bench_scale(count: int, workdir: str | None = None, keep: bool = False, n_wo
                 top_n: int = 1000, n_queries: int | None = None, nprobes=NPROBES, seed: int = 0,
                 similarity_sample: int = 2000, progress: bool = False, approximate=APPROXIMATE,
                 k_factors=K_FACTORS, partition_size: int = DISTRACTOR_PARTITION, pq_ms=(None,),
-                approx_shard_rows: int | None = None, pq_nlists=(None,)) -> dict:
+                approx_shard_rows: int | None = None, pq_nlists=(None,), pq_dims=(None,)) -> dict:
     from rmac.ops import whitening as wh  # noqa: F401  (workers unpickle whitening objects)
     from rmac.storage.datasets import load_dataset
     from rmac.storage.store import Store, StoreError
@@ -215,7 +215,8 @@ def bench_scale(count: int, workdir: str | None = None, keep: bool = False, n_wo
             need = bytes_needed(image_bytes(dev.map_bytes() / dev.n_images, dev.config.channels,
                                             w.regional.proj.shape[0],
                                             [a for a in approximate
-                                             for _ in (range(len(pq_ms) * len(pq_nlists)) if a == "pq" else (None,))]),
+                                             for _ in (range(len(pq_ms) * len(pq_nlists) * len(pq_dims))
+                                                       if a == "pq" else (None,))]),
                                 count)
             if not (root / "distractors" / "manifest.json").exists():
                 check_disk(root, need, count)
@@ -244,10 +245,12 @@ def bench_scale(count: int, workdir: str | None = None, keep: bool = False, n_wo
             # the refine, the merge): five 100k pq shards took twice the time of one 500k shard
             approx_rows = approx_shard_rows or -(-d.n_images // out["workers"])
             out["approx_shard_rows"] = approx_rows
-            variants = [(f"pq{m or ''}{f'_ivf{nl}' if nl else ''}" if itype == "pq" else itype, itype, m, nl)
+            variants = [(f"pq{m or ''}{f'_d{pd}' if pd else ''}{f'_ivf{nl}' if nl else ''}" if itype == "pq" else itype,
+                         itype, m, nl, pd)
                         for itype in approximate for m in (pq_ms if itype == "pq" else (None,))
+                        for pd in (pq_dims if itype == "pq" else (None,))
                         for nl in (pq_nlists if itype == "pq" else (None,))]
-            for name, itype, m, nl in variants:
+            for name, itype, m, nl, pd in variants:
                 peaks.reset()
                 folder = d.path / f"index-{name}" / "rmac"
                 t = time.perf_counter()
@@ -257,7 +260,7 @@ def bench_scale(count: int, workdir: str | None = None, keep: bool = False, n_wo
                                               pure=False).result())
                 elif itype == "pq":
                     meta.update(client.submit(train_pq_template, d, "rmac", m, seed, str(folder), nlist=nl,
-                                              pure=False).result())
+                                              dim=pd, pure=False).result())
                 stages[f"{name}_train_s"] = time.perf_counter() - t
                 t = time.perf_counter()
                 template = str(folder / TEMPLATE) if itype in ("ivf", "pq") else None
@@ -316,7 +319,7 @@ def bench_scale(count: int, workdir: str | None = None, keep: bool = False, n_wo
             peaks.read("filtering exact (exact shards held by workers)")
             client.run(release_held)  # at 1M the exact and approximate shards would not all fit
             how: dict[str, tuple] = {}  # setting -> (index folder, nprobe, k_factor)
-            for vname, itype, _, nl in variants:
+            for vname, itype, _, nl, _ in variants:
                 peaks.reset()
                 adb = Database([dev, d])
                 adb.scattered = ScatteredFilter(client, [dev.path, d.path], adb.offsets[:-1].tolist(),
@@ -430,24 +433,28 @@ def approximate_entries(filtering: dict, top_n: int = 1000) -> list[tuple[str, d
     return [(k, v) for k, v in filtering.items() if not k.startswith("exact") and f"recall@{top_n}" in v]
 
 
-def best_approximate(filtering: dict, top_n: int = 1000, target: float = RECALL_TARGET) -> tuple[str, dict]:
-    """The fastest setting with recall >= ``target``, else the one with the best recall."""
+def best_approximate(filtering: dict, top_n: int = 1000, target: float = RECALL_TARGET) -> tuple[str, dict] | None:
+    """The fastest setting with recall >= ``target``, else the one with the best recall; None when the
+    run measured no approximate index (``--approximate`` with nothing)."""
     rows = approximate_entries(filtering, top_n)
+    if not rows:
+        return None
     ok = [(k, v) for k, v in rows if v[f"recall@{top_n}"] >= target]
     return min(ok, key=lambda kv: kv[1]["p50_ms"]) if ok else max(rows, key=lambda kv: kv[1][f"recall@{top_n}"])
 
 
 def summary_line(res: dict) -> str:
     f = res["filtering"]
-    best_k, best = best_approximate(f, res["top_n"])
+    best_k, best = best_approximate(f, res["top_n"]) or ("none", None)
     peak = max(v for procs in res["peak_rss_mib"].values() for v in procs.values())
     build = sum(v for k, v in res["stages_s"].items() if k != "dev_extract_index_s")
     rkey = f"recall@{res['top_n']}"
     return (f"SCALE n={res['db_images']} build_s={build:.1f} bytes_per_image={res['bytes']['per_image']} "
             f"exact_p50_ms={f['exact_workers']['p50_ms']:.2f} exact_p95_ms={f['exact_workers']['p95_ms']:.2f} "
             + (f"client_p50_ms={f['exact_client']['p50_ms']:.2f} " if "exact_client" in f else "")
-            + f"approx={best_k} approx_p50_ms={best['p50_ms']:.2f} approx_recall={best[rkey]:.4f} "
-            f"query_filter={res.get('query_filter', 'exact_workers')} "
+            + (f"approx={best_k} approx_p50_ms={best['p50_ms']:.2f} approx_recall={best[rkey]:.4f} " if best
+               else "approx=none ")
+            + f"query_filter={res.get('query_filter', 'exact_workers')} "
             f"rerank_p50_s={res['query']['rerank_s']['p50']} qe_p50_s={res['query']['qe_s']['p50']} "
             f"e2e_p50_s={res['query']['end_to_end_s']['p50']} e2e_p95_s={res['query']['end_to_end_s']['p95']} "
             f"peak_rss_max_mib={peak:.0f}")
@@ -473,6 +480,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="pq k-factors to measure (default %(default)s)")
     p.add_argument("--pq-m", type=positive_int, nargs="+", default=[None], metavar="M",
                    help="pq sub-quantisers, one pq index per value (default: D/2)")
+    p.add_argument("--pq-dim", type=int, nargs="+", default=[0], metavar="D",
+                   help="pq codes of the vectors' top D principal axes, one pq index per value, 0 for all "
+                        "(default: 0)")
     p.add_argument("--pq-nlist", type=int, nargs="+", default=[0], metavar="N",
                    help="IVF lists in front of the pq codes, one pq index per value, 0 for none (measured at each "
                         "--nprobe; default: 0)")
@@ -501,10 +511,11 @@ def main(args: argparse.Namespace) -> int:
                           approximate=tuple(args.approximate), k_factors=tuple(args.k_factor),
                           partition_size=args.partition_size, pq_ms=tuple(args.pq_m),
                           pq_nlists=tuple(n or None for n in args.pq_nlist),
+                          pq_dims=tuple(n or None for n in args.pq_dim),
                           approx_shard_rows=args.approx_shard_rows)
-        print_report(res)
-        if args.json_out:
+        if args.json_out:  # first: the figures of a long run outlive any trouble printing them
             Path(args.json_out).write_text(json.dumps(res, indent=1))
+        print_report(res)
         runs.append(res)
     if args.plot:
         plot_curve(runs, args.plot)
@@ -523,7 +534,7 @@ def plot_curve(runs: list[dict], png: str) -> None:
     runs = sorted(runs, key=lambda r: r["db_images"])
     n = [r["db_images"] for r in runs]
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    best = [best_approximate(r["filtering"])[1] for r in runs]
+    best = [(best_approximate(r["filtering"]) or (None, {"p50_ms": float("nan")}))[1] for r in runs]
     for label, ys in (("filtering, exact on the workers (p50)", [r["filtering"]["exact_workers"]["p50_ms"] / 1e3 for r in runs]),
                       ("filtering, approximate: fastest at recall >= 0.95, else best recall (p50)",
                        [v["p50_ms"] / 1e3 for v in best]),
