@@ -102,6 +102,7 @@ def test_a_small_run_end_to_end_then_reused(scheduler, tmp_path):
     assert {"exact_workers", "exact_client", *pq} <= set(f)
     assert f["exact_client"]["recall_vs_workers"] > 0.99
     assert all(0.9 <= f[k]["recall@100"] <= 1.0 for k in pq)
+    assert all(f[k]["thread_p50_ms"] > 0 for k in (*pq, "exact_workers"))  # the actor thread, side by side
     assert res["approximate"]["pq"]["factory"] == "IDMap,PQ640x4fs,Refine(SQ8)"
     assert res["approximate"]["pq_d128"]["factory"] == "IDMap,PCA128,PQ64x4fs,Refine(SQ8)"
     assert res["approximate"]["pq_d128_ivf4"]["factory"] == "IDMap,PCA128,IVF4,PQ64x4fs,Refine(SQ8)"

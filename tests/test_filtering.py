@@ -48,6 +48,29 @@ def test_worker_held_shards_equal_client_side_search(client, dev_store):
     assert all(v > 0 for v in before.values())
 
 
+def test_single_queries_search_on_the_event_loop_with_the_same_results(client, dev_store):
+    """A query of up to INLINE_ROWS rows is searched on each worker's event loop, a batch in the actor's
+    thread, the shards loaded in that thread beforehand (`ShardHolder.load`, again after `warm`): the same
+    top k either way; a worker that lets go of its shards (`release_held`) gets them back from `warm`."""
+    from rmac.workflows.filtering import INLINE_ROWS, ScatteredFilter, release_held
+
+    st = Store(dev_store.path)
+    inline = ScatteredFilter(client, [st.path], [0])
+    threaded = ScatteredFilter(client, [st.path], [0], inline_rows=0)
+    q = _queries(st)["rmac"]
+    assert len(q) > INLINE_ROWS >= 1
+    for rows in (q[:1], q[:INLINE_ROWS], q):
+        a, b = inline.search("rmac", rows, 10), threaded.search("rmac", rows, 10)
+        np.testing.assert_array_equal(a[1], b[1])
+        np.testing.assert_allclose(a[0], b[0], atol=1e-6)
+    assert len(inline._loaded) == len(inline.plan("rmac")) == 2  # each worker's shards, loaded once
+    client.run(release_held)
+    assert sum(client.run(held_shards).values()) == 0
+    inline.warm("rmac")
+    assert sum(client.run(held_shards).values()) == dev_store.info["shards"]
+    np.testing.assert_array_equal(inline.search("rmac", q[:1], 10)[1], threaded.search("rmac", q[:1], 10)[1])
+
+
 def test_ivf_template_shards_share_lists_and_full_probe_is_exact(client, dev_store, tmp_path):
     """`rmac index --ivf`: one k-means per vector kind; every shard copies it; probing every list
     returns exactly the flat top k, through the workers."""

@@ -137,6 +137,18 @@ def time_filter(db, kind: str, queries: np.ndarray, k: int, nprobe=None, repeat:
     return times, np.stack(rows)
 
 
+def time_threaded(db, queries: np.ndarray, k: int, nprobe=None, k_factor=None) -> list[float]:
+    """`time_filter` of R-MAC with every search in the workers' actor threads instead of their event loops
+    (the way before `filtering.INLINE_ROWS`): the cost of the two thread hand-offs, side by side."""
+    from rmac.workflows.filtering import INLINE_ROWS
+
+    db.scattered.inline_rows = 0
+    try:
+        return time_filter(db, "rmac", queries, k, nprobe, k_factor=k_factor)[0]
+    finally:
+        db.scattered.inline_rows = INLINE_ROWS
+
+
 def time_in_workers(filt, kind: str, queries: np.ndarray, k: int, nprobe=None, k_factor=None) -> list[float]:
     """Per-query FAISS time inside the workers, without Dask's round trip: each worker times its own
     shards' search of every query (in parallel); a query costs the slowest worker's time."""
@@ -307,7 +319,8 @@ def bench_scale(count: int, workdir: str | None = None, keep: bool = False, n_wo
             times, exact = time_filter(db, "rmac", Q, top_n)
             inside = time_in_workers(db.scattered, "rmac", Q, top_n)
             filt["exact_workers"] = {"p50_ms": 1e3 * pct(times, 50), "p95_ms": 1e3 * pct(times, 95),
-                                     "in_workers_p50_ms": 1e3 * pct(inside, 50)}
+                                     "in_workers_p50_ms": 1e3 * pct(inside, 50),
+                                     "thread_p50_ms": 1e3 * pct(time_threaded(db, Q, top_n), 50)}
             if n_total <= CLIENT_SIDE_LIMIT:
                 db_client = Database([Store(dev.path), Store(d.path)])
                 db_client.filter("rmac", Q[:1], top_n)  # load the shards
@@ -333,6 +346,7 @@ def bench_scale(count: int, workdir: str | None = None, keep: bool = False, n_wo
                     inside = time_in_workers(adb.scattered, "rmac", Q, top_n, nprobe, kf)
                     filt[name] = {"p50_ms": 1e3 * pct(times, 50), "p95_ms": 1e3 * pct(times, 95),
                                   "in_workers_p50_ms": 1e3 * pct(inside, 50),
+                                  "thread_p50_ms": 1e3 * pct(time_threaded(adb, Q, top_n, nprobe, kf), 50),
                                   f"recall@{top_n}": recall_at(found, exact)}
                     how[name] = (f"index-{vname}", nprobe, kf)
                 peaks.read(f"filtering {vname} (shards held by workers)")
