@@ -251,15 +251,16 @@ def _build_index(store, client, whiten_on, L, dim, shard_rows, index_kind, white
     # a whitening given (a distractor store taking its dataset's) that is the one indexed with: nothing to refit
     same_given = (whitening is not None and before is not None and before.get("whitening_id") == whitening_set_id(
         {kind: (wk.mean, wk.proj, wk.eigvals) for kind, wk in zip(WHITENING_KINDS, whitening)}))
-    # a trained index (ivf, pq) asked for with other parameters is built again, not extended
+    # a trained index (ivf, pq) asked for with other parameters is built again, not extended; an index made
+    # before `trained_with` was recorded counts as made with the defaults
     trained_with = ({"nlist": nlist, "ivf_codec": ivf_codec, "pq_m": pq_m, "pq_dim": pq_dim}
                     if index_kind in TRAINED_KINDS else {})
+    unrecorded = {**dict.fromkeys(trained_with), "ivf_codec": "flat"} if trained_with else {}
     incremental = (before is not None and "commit" in before and not refit and (whitening is None or same_given)
                    and whiten_on is None
                    and whiten_subset is None and before.get("L") == L and before.get("index_kind") == index_kind
                    and (dim is None or before.get("dim") == min(dim, store.config.channels))
-                   and before.get("trained_with", dict.fromkeys(trained_with) | {"ivf_codec": "flat"}
-                                  if trained_with else {}) == trained_with)
+                   and before.get("trained_with", unrecorded) == trained_with)
     if incremental and same_given:
         w, wid, fitted_on = whitening, before["whitening_id"], before["whitening"]
     elif incremental:

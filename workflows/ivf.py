@@ -118,13 +118,12 @@ def train_pq_template(store: Store, kind: str, m: int | None = None, seed: int =
     nlist = max(1, min(int(nlist), len(x))) if nlist else None
     spec = pq_factory(x.shape[1], m, nlist, dim)
     index = faiss.index_factory(x.shape[1], spec, faiss.METRIC_INNER_PRODUCT)
-    if ",PCA" in spec:
+    info = {"factory": spec, "trained_on": int(len(x)), "k_factor": float(k_factor), "file": TEMPLATE}
+    if ",PCA" in spec:  # trained first: `index.train` then leaves it as it is
         train_uncentred_pca(index, x)
+        info["scan_dim"] = int(dim)
     index.train(x)
     faiss.downcast_index(index.index).k_factor = float(k_factor)
-    info = {"factory": spec, "trained_on": int(len(x)), "k_factor": float(k_factor), "file": TEMPLATE}
-    if ",PCA" in spec:
-        info["scan_dim"] = int(dim)
     if nlist:
         info["nlist"] = nlist
         info["nprobe"] = faiss.extract_index_ivf(index).nprobe = max(1, nlist // 8)

@@ -140,13 +140,11 @@ def time_filter(db, kind: str, queries: np.ndarray, k: int, nprobe=None, repeat:
 def time_threaded(db, queries: np.ndarray, k: int, nprobe=None, k_factor=None) -> list[float]:
     """`time_filter` of R-MAC with every search in the workers' actor threads instead of their event loops
     (the way before `filtering.INLINE_ROWS`): the cost of the two thread hand-offs, side by side."""
-    from rmac.workflows.filtering import INLINE_ROWS
-
-    db.scattered.inline_rows = 0
+    before, db.scattered.inline_rows = db.scattered.inline_rows, 0
     try:
         return time_filter(db, "rmac", queries, k, nprobe, k_factor=k_factor)[0]
     finally:
-        db.scattered.inline_rows = INLINE_ROWS
+        db.scattered.inline_rows = before
 
 
 def time_in_workers(filt, kind: str, queries: np.ndarray, k: int, nprobe=None, k_factor=None) -> list[float]:
