@@ -96,6 +96,7 @@ def test_a_small_run_end_to_end_then_reused(scheduler, tmp_path):
               similarity_sample=40, top_n=100)
     res = bench_scale(300, **kw)
     assert res["db_images"] == 300 + 186 and res["queries"] == 2 and res["workers"] == 2
+    assert res["dim"] == 1280 and "dim_asked" not in res
     assert res["distractors_indexed"] == {"partitions": 10, "of": 10}
     f = res["filtering"]
     pq = ("pq_k8", "pq_d128_k8", "pq_ivf4_k8_nprobe4", "pq_d128_ivf4_k8_nprobe4")  # behind IVF: every list probed
@@ -119,3 +120,11 @@ def test_a_small_run_end_to_end_then_reused(scheduler, tmp_path):
     again = bench_scale(300, **kw)
     assert again["distractors_indexed"] == {"partitions": 0, "of": 10}
     assert again["stages_s"]["distractors_s"] < res["stages_s"]["distractors_s"]
+
+    # --dim: the same kept folder at 128-D: the dev set's whitening refitted, every distractor vector again
+    low = bench_scale(300, **{**kw, "dim": 128, "pq_dims": (None,), "pq_nlists": (None,)})
+    assert low["dim"] == 128 and low["dim_asked"] == 128
+    assert low["distractors_indexed"] == {"partitions": 10, "of": 10}
+    assert low["approximate"]["pq"]["factory"] == "IDMap,PQ64x4fs,Refine(SQ8)"
+    assert 0.9 <= low["filtering"]["pq_k8"]["recall@100"] <= 1.0
+    assert summary_line(low).startswith("SCALE n=486 dim=128 ")

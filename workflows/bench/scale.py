@@ -183,7 +183,8 @@ def bench_scale(count: int, workdir: str | None = None, keep: bool = False, n_wo
                 top_n: int = 1000, n_queries: int | None = None, nprobes=NPROBES, seed: int = 0,
                 similarity_sample: int = 2000, progress: bool = False, approximate=APPROXIMATE,
                 k_factors=K_FACTORS, partition_size: int = DISTRACTOR_PARTITION, pq_ms=(None,),
-                approx_shard_rows: int | None = None, pq_nlists=(None,), pq_dims=(None,)) -> dict:
+                approx_shard_rows: int | None = None, pq_nlists=(None,), pq_dims=(None,),
+                dim: int | None = None) -> dict:
     from rmac.ops import whitening as wh  # noqa: F401  (workers unpickle whitening objects)
     from rmac.storage.datasets import load_dataset
     from rmac.storage.store import Store, StoreError
@@ -201,6 +202,8 @@ def bench_scale(count: int, workdir: str | None = None, keep: bool = False, n_wo
     root.mkdir(parents=True, exist_ok=True)
     out: dict = {"machine": machine(), "count": count, "top_n": top_n, "workdir": str(root),
                  "partition_size": partition_size}
+    if dim:
+        out["dim_asked"] = dim
     stages: dict[str, float] = {}
     try:
         with get_client(scheduler, n_workers, quiet=True) as client:
@@ -215,13 +218,18 @@ def bench_scale(count: int, workdir: str | None = None, keep: bool = False, n_wo
             dev = Store(root / "dev")
             try:  # kept from an earlier run (--workdir): its whitening is the one the distractors were indexed with
                 require_indexed(dev)
+                indexed_at = dev.manifest["index"].get("dim")
             except StoreError:
+                indexed_at = None
+            if indexed_at != min(dim or dev.config.channels, dev.config.channels):  # none yet, or another --dim
                 rows_of = {i: r for r, i in enumerate(dev.ids)}
                 subset = whitening_subset(ds, rows_of, dev.n_images) & dev.valid_rows()
-                build_index(dev, client, whiten_subset=subset, whiten_label="dev distractors", progress=False)
+                build_index(dev, client, whiten_subset=subset, whiten_label="dev distractors", dim=dim,
+                            progress=False)
             stages["dev_extract_index_s"] = time.perf_counter() - t
             peaks.read("dev extract+index")
             w = load_whitenings(dev)
+            out["dim"] = int(w.regional.proj.shape[0])
             need = bytes_needed(image_bytes(dev.map_bytes() / dev.n_images, dev.config.channels,
                                             w.regional.proj.shape[0],
                                             [a for a in approximate
@@ -415,7 +423,7 @@ def similarity_table(db, client, qvs, ds, dev, d, wf, sample: int, seed: int) ->
 
 def print_report(res: dict) -> None:
     print(f"rmac bench scale: {res['count']} synthetic distractors + dev set = {res['db_images']} images, "
-          f"{res['queries']} queries, {res['workers']} workers; {res['machine']}")
+          f"{res.get('dim', '?')}-D, {res['queries']} queries, {res['workers']} workers; {res['machine']}")
     print("build (s):  " + "  ".join(f"{k} {v}" for k, v in res["stages_s"].items()))
     print("peak RSS (MiB) per stage and process:")
     for stage, procs in res["peak_rss_mib"].items():
@@ -461,7 +469,7 @@ def summary_line(res: dict) -> str:
     peak = max(v for procs in res["peak_rss_mib"].values() for v in procs.values())
     build = sum(v for k, v in res["stages_s"].items() if k != "dev_extract_index_s")
     rkey = f"recall@{res['top_n']}"
-    return (f"SCALE n={res['db_images']} build_s={build:.1f} bytes_per_image={res['bytes']['per_image']} "
+    return (f"SCALE n={res['db_images']} dim={res.get('dim', 0)} build_s={build:.1f} bytes_per_image={res['bytes']['per_image']} "
             f"exact_p50_ms={f['exact_workers']['p50_ms']:.2f} exact_p95_ms={f['exact_workers']['p95_ms']:.2f} "
             + (f"client_p50_ms={f['exact_client']['p50_ms']:.2f} " if "exact_client" in f else "")
             + (f"approx={best_k} approx_p50_ms={best['p50_ms']:.2f} approx_recall={best[rkey]:.4f} " if best
@@ -485,6 +493,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--partition-size", type=positive_int, default=DISTRACTOR_PARTITION,
                    help="images per distractor partition (default %(default)s)")
     p.add_argument("--top-n", type=int, default=1000)
+    p.add_argument("--dim", type=positive_int,
+                   help="whitened dimensions of the whole run (default: D = K, as the paper); a kept workdir "
+                        "indexed at another D is indexed again")
     p.add_argument("--queries", type=int, help="use the first QUERIES dev queries (default all)")
     p.add_argument("--nprobe", type=int, nargs="+", default=list(NPROBES),
                    help="nprobe values to measure (IVF, and pq behind IVF lists)")
@@ -524,7 +535,7 @@ def main(args: argparse.Namespace) -> int:
                           partition_size=args.partition_size, pq_ms=tuple(args.pq_m),
                           pq_nlists=tuple(n or None for n in args.pq_nlist),
                           pq_dims=tuple(n or None for n in args.pq_dim),
-                          approx_shard_rows=args.approx_shard_rows)
+                          approx_shard_rows=args.approx_shard_rows, dim=args.dim)
         if args.json_out:  # first: the figures of a long run outlive any trouble printing them
             Path(args.json_out).write_text(json.dumps(res, indent=1))
         print_report(res)
