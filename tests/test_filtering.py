@@ -122,7 +122,8 @@ def test_build_shard_from_template_equals_its_own_training():
 def test_pq_and_flat16_indexes_through_the_workers(client, dev_store, tmp_path, index_type, nlist, pq_dim):
     """`rmac index --index-type pq [--nlist N] [--pq-dim d] | flat16`: shards on the workers, `k_factor` (and pq
     behind IVF lists: `nprobe`) reaching them, the exact top k found (pq: with enough candidates re-scored).
-    Indexed again with the same pq parameters nothing is built; with others the pq index is built anew."""
+    Indexed again with the same pq parameters nothing is built; with others the pq index is built anew from
+    the vectors already there."""
     from rmac.workflows.index import build_index, load_whitenings
     from rmac.workflows.ivf import PQ_K_FACTOR
 
@@ -155,6 +156,7 @@ def test_pq_and_flat16_indexes_through_the_workers(client, dev_store, tmp_path, 
         assert same["incremental"] and same["shards_built"] == 0
         other = build_index(st, client, pq_dim=None, **kw)  # other parameters: built anew, not extended
         assert not other["incremental"] and other["shards_built"] == other["shards"] >= 3
+        assert other["partitions_indexed"] == 0  # the vectors are kept: only the shards depend on pq's parameters
         assert other["pq"]["rmac"]["factory"] == "IDMap,PQ640x4fs,Refine(SQ8)"
 
 

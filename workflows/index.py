@@ -256,14 +256,16 @@ def _build_index(store, client, whiten_on, L, dim, shard_rows, index_kind, white
     trained_with = ({"nlist": nlist, "ivf_codec": ivf_codec, "pq_m": pq_m, "pq_dim": pq_dim}
                     if index_kind in TRAINED_KINDS else {})
     unrecorded = {**dict.fromkeys(trained_with), "ivf_codec": "flat"} if trained_with else {}
-    incremental = (before is not None and "commit" in before and not refit and (whitening is None or same_given)
-                   and whiten_on is None
-                   and whiten_subset is None and before.get("L") == L and before.get("index_kind") == index_kind
-                   and (dim is None or before.get("dim") == min(dim, store.config.channels))
+    # the vectors stay valid under the same whitening and L; the shards only under the same index too (another
+    # index kind or trained parameters rebuild every shard from the vectors already there)
+    keep_vectors = (before is not None and "commit" in before and not refit and (whitening is None or same_given)
+                    and whiten_on is None and whiten_subset is None and before.get("L") == L
+                    and (dim is None or before.get("dim") == min(dim, store.config.channels)))
+    incremental = (keep_vectors and before.get("index_kind") == index_kind
                    and before.get("trained_with", unrecorded) == trained_with)
-    if incremental and same_given:
+    if keep_vectors and same_given:
         w, wid, fitted_on = whitening, before["whitening_id"], before["whitening"]
-    elif incremental:
+    elif keep_vectors:
         w = load_whitenings(store)  # each checked against its hash
         wid = store.load_whitening()[3]["id"]
         if wid != before.get("whitening_id"):
@@ -287,13 +289,13 @@ def _build_index(store, client, whiten_on, L, dim, shard_rows, index_kind, white
     P = store.config.partition_size
     rows = store.n_images
     for k in VECTOR_KINDS:
-        if incremental and k in g and g[k].shape[1] == D:
+        if keep_vectors and k in g and g[k].shape[1] == D:
             if g[k].shape[0] != rows:
                 g[k].resize((rows, D))
         else:
             g.create_array(k, shape=(rows, D), chunks=(P, D), dtype="float32", fill_value=0.0,
                            overwrite=True)
-    redo = [p for p in range(store.n_partitions) if not incremental or _stale(store, p, wid, L)]
+    redo = [p for p in range(store.n_partitions) if not keep_vectors or _stale(store, p, wid, L)]
     w_future = client.scatter(w, broadcast=True, hash=False)
     futures = [client.submit(partition_vectors, store, p, w_future, L, wid, pure=False, retries=2)
                for p in redo]
