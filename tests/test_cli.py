@@ -124,6 +124,22 @@ def test_evaluate_writes_the_documented_json(evaluated, eval_files, dev):
     assert w.n_fit == sum(len(regional_vectors(q, s, DEFAULT_L)) for q, s in store.read_maps(rows))
 
 
+def test_evaluate_at_a_reduced_dimension(evaluated, eval_files, rmac_cli, tmp_path):
+    """`rmac evaluate --dim 64`: the whitenings keep 64 dimensions, every method is scored with them, and
+    the JSON and the table say so (the first run, without --dim, kept D = K)."""
+    plain = evaluated[0]
+    dataset, store, _ = eval_files
+    copy = tmp_path / "store-64"
+    shutil.copytree(store, copy)
+    proc = rmac_cli("evaluate", dataset, "--store", copy, "--max-size", MAX_SIZE, "--dim", 64, "--methods",
+                    "rmac,rmac+aml", "--json", tmp_path / "d64.json", "--allow-unknown")
+    assert proc.returncode == 0, proc.stderr
+    res = strict_json(tmp_path / "d64.json")
+    assert plain["dim"] == 1280 and res["dim"] == 64 and "(64-D)" in proc.stdout
+    assert set(res["methods"]) == {"rmac", "rmac+aml"} and res["methods"]["rmac"]["map"] > 0
+    assert Store(copy).arrays["rmac"].shape == (plain["n_images"], 64)
+
+
 def test_evaluate_with_a_distractor_store(evaluated, eval_files):
     plain, _, w_plain, res = evaluated
     _, store_path, dist_path = eval_files

@@ -25,7 +25,7 @@ from rmac.storage.store import Store
 from rmac.workflows.args import existing_dir, new_or_existing_dir, nonnegative_int, positive_int, writable_file
 from rmac.workflows.errors import UsageError
 from rmac.workflows.extract import ModelChoice, add_model_arguments, extract
-from rmac.workflows.index import DEFAULT_L, build_index, load_whitenings
+from rmac.workflows.index import DEFAULT_DIM, DEFAULT_L, DIM_HELP, build_index, load_whitenings
 from rmac.workflows.search import (Database, QueryVectors, Ranking, SearchParams, add_filter_arguments,
                                    add_query_scales_argument, answer, describe_at_scales, localise_exhaustive,
                                    query_maps, query_vectors, rerank_many)
@@ -95,10 +95,11 @@ def evaluate(dataset: str, client, choice: ModelChoice = ModelChoice(), max_size
              top_n: int = 1000, methods: tuple[str, ...] = tuple(METHODS), rank_depth: int = 10_000,
              L: int = DEFAULT_L, qe: int = 5, progress: bool = True, allow_unknown: bool = False,
              nprobe: int | None = None, query_scales: tuple[float, ...] = (1.0,),
-             k_factor: float | None = None) -> Evaluation:
+             k_factor: float | None = None, dim: int | None = None) -> Evaluation:
     """Evaluate ``methods`` on ``dataset``; the result holds mAP in percent (None where undefined: no
     query has a positive). ``query_scales`` other than ``(1.0,)``: multi-scale localisation in the
-    re-ranking (`SearchParams.query_scales`). Ground truth naming images outside the dataset raises `DatasetError`, or
+    re-ranking (`SearchParams.query_scales`). ``dim``: whitened dimensions (default D = K, as the paper).
+    Ground truth naming images outside the dataset raises `DatasetError`, or
     with ``allow_unknown`` is dropped with a warning (their number is in the result's ``unknown_gt``)."""
     if choice.random_weights:
         raise SystemExit("rmac evaluate: random weights are for speed benchmarks only")
@@ -126,13 +127,11 @@ def evaluate(dataset: str, client, choice: ModelChoice = ModelChoice(), max_size
     t = time.perf_counter()
     if whiten_on:
         label = whiten_on
-        build_index(st, client, whiten_on=Store(whiten_on), L=L, whiten_label=label,
-                                 progress=progress)
+        build_index(st, client, whiten_on=Store(whiten_on), L=L, dim=dim, whiten_label=label, progress=progress)
     else:
         subset = whitening_subset(ds, rows_of, st.n_images) & st.valid_rows()
         label = f"{ds.name} distractors ({int(subset.sum())} images, no query or positive)"
-        build_index(st, client, L=L, whiten_subset=subset, whiten_label=label,
-                                 progress=progress)
+        build_index(st, client, L=L, dim=dim, whiten_subset=subset, whiten_label=label, progress=progress)
     w = load_whitenings(st)
     extra = [Store(p) for p in distractors]
     for d in extra:
@@ -178,6 +177,7 @@ def evaluate(dataset: str, client, choice: ModelChoice = ModelChoice(), max_size
         per_method[name] = ranked
     out = {
         "dataset": ds.name, "backbone": choice.backbone, "max_size": max_size, "whitening": label,
+        "dim": int(w.regional.proj.shape[0]),
         "n_images": n_db, "n_queries": len(ds.queries), "top_n": top_n, "qe": qe,
         "query_scales": list(query_scales), "methods": results,
         "unknown_gt": len(unknown),
@@ -263,7 +263,7 @@ def to_json(res: dict) -> str:
 
 def print_table(res: dict) -> None:
     print(f"{res['dataset']}: {res['n_images']} images, {res['n_queries']} queries, {res['backbone']} "
-          f"@ {res['max_size']} px; whitening: {res['whitening']}")
+          f"@ {res['max_size']} px; whitening ({res.get('dim', '?')}-D): {res['whitening']}")
     for name, m in res["methods"].items():
         if "map" in m:
             print(f"  {name:<13} mAP {_pct(m['map'])}  mP@1 {_pct(m['mp@1'])}  mP@5 {_pct(m['mp@5'])}  "
@@ -294,6 +294,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-n", type=positive_int, default=1000, help="images re-ranked per query")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of methods")
     parser.add_argument("--qe", type=nonnegative_int, default=5, help="top re-ranked images merged by QE (default 5)")
+    parser.add_argument("--dim", type=positive_int, default=DEFAULT_DIM, help=DIM_HELP)
     add_filter_arguments(parser)
     add_query_scales_argument(parser)
     parser.add_argument("--json", dest="json_out", type=writable_file, help="write the result as JSON to this file")
@@ -310,7 +311,8 @@ def main(args: argparse.Namespace, client) -> int:
         raise UsageError(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     res = evaluate(args.dataset, client, choice, args.max_size, args.store, tuple(args.distractors),
                    args.whiten_on, args.top_n, methods, qe=args.qe, allow_unknown=args.allow_unknown,
-                   nprobe=args.nprobe, k_factor=args.k_factor, query_scales=args.query_scales).result
+                   nprobe=args.nprobe, k_factor=args.k_factor, query_scales=args.query_scales,
+                   dim=args.dim).result
     print_table(res)
     if args.json_out:
         Path(args.json_out).write_text(to_json(res))
