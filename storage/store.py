@@ -538,7 +538,13 @@ class Store:
         """Every map of partition ``p`` as `SparseMaps` (map ``i`` is row ``partition_rows(p)[i]``; a
         failed row is 0 x 0) with the images' pixel sizes, read in one go and decoded straight into the
         kernel's form; through ``cache`` if given. ``select``: only these maps (offsets in the partition),
-        in that order, decoded alone (not cached)."""
+        in that order, decoded alone (not cached); an offset outside the partition is the caller's
+        ValueError, not damage."""
+        if select is not None:
+            select = np.asarray(select, dtype=np.int64).reshape(-1)
+            n = len(self.partition_rows(p))
+            if select.size and (select.min() < 0 or select.max() >= n):
+                raise ValueError(f"select: offsets {select.min()}..{select.max()} outside partition {p}'s {n} images")
         try:
             if select is not None:
                 return _maps.read_partition(self.path / "arrays", p, select)

@@ -216,6 +216,8 @@ def test_store_reads_partitions_of_either_encoding(tmp_path):
         for j in range(3):
             assert np.array_equal(store.read_sparse(p).maps.dense(j), maps[3 * p + j])
             assert np.array_equal(store.read_sparse(p, select=[j]).maps.dense(0), maps[3 * p + j])
+    with pytest.raises(ValueError, match="outside partition 1's 3 images"):  # the caller's mistake, not damage
+        store.read_sparse(1, select=[1, 3])
     path = M.partition_path(tmp_path / "s" / "arrays", 1) / "zarr.json"
     meta = json.loads(path.read_text())
     meta["attributes"]["encoding"] = "quantum frames v9"
