@@ -35,6 +35,7 @@ def test_bench_frames_times_both_encodings_of_the_same_rows_and_cleans_up(tmp_pa
     for e in ("joint", "frames"):
         assert res[f"{e}_bytes_per_image"] > 0 and res[f"{e}_select_s"] > 0 and res[f"{e}_whole_s"] > 0
     assert [r["k"] for r in res["per_partition_select_k"]] == [1, 2, 4, 8]
+    assert res["frames_select_meta_held_s"] > 0 and res["select_parsed_over_held"] > 0  # metadata held, side by side
     assert list(scratch.iterdir()) == []  # the copies are gone
 
 

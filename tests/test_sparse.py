@@ -3,6 +3,8 @@ the codec round-trips any map exactly, the sparse integral images equal the dens
 channels, and sparse re-ranking gives bit-identical results to the dense kernel it replaced."""
 
 import json
+import os
+import time
 
 import numpy as np
 import pytest
@@ -416,3 +418,33 @@ def test_rerank_rows_reads_partitions_once_and_matches_the_kernel_on_dense_maps(
     assert got["boxes"] == [box_to_pixels(ref.boxes[i], hw[r], ihw[r], S.cell_geometry(store, ihw[r]))
                             for i, r in enumerate(few)]
     assert len(S.worker_map_cache()) == 0 and S.worker_map_cache().misses == 0
+
+
+def test_partition_metadata_is_parsed_once_per_file_version(tmp_path):
+    """`partition_meta` keeps a partition's parsed metadata while its ``zarr.json`` is the same file, so
+    repeated reads skip the JSON; a partition written again is read afresh, and a file changed in the last
+    `RACY_NS` is never kept (a rewrite in the same clock tick could look the same)."""
+    arrays = tmp_path / "arrays"
+    maps, ihw = _partition()
+    M.write_partition_maps(arrays, 0, maps, ihw)
+    meta_file = M.partition_path(arrays, 0) / "zarr.json"
+    M._parsed_meta.cache_clear()
+    first = M.read_partition(arrays, 0, [1])
+    assert M._parsed_meta.cache_info().currsize == 0  # just written: parsed, not kept
+    old = time.time_ns() - 10 * M.RACY_NS
+    os.utime(meta_file, ns=(old, old))
+    for _ in range(3):
+        again = M.read_partition(arrays, 0, [1])
+        assert np.array_equal(again.maps.dense(0), first.maps.dense(0))
+    info = M._parsed_meta.cache_info()
+    assert info.currsize == 1 and info.hits == 2 and info.misses == 1
+    with pytest.raises(ValueError):  # what the cache holds is read-only: no reader can alter it for the next
+        M.partition_meta(arrays, 0).index[0][0, 0] = 9
+    # written again with other maps (and made to look old): the new maps, not the cached metadata
+    M.write_partition_maps(arrays, 0, maps[::-1], ihw[::-1])
+    os.utime(meta_file, ns=(old + 1, old + 1))
+    n = len(maps)
+    got = M.read_partition(arrays, 0)
+    for i in range(n):
+        assert np.array_equal(got.maps.dense(i), _dense(maps[n - 1 - i]))
+    assert got.image_hw.tolist() == ihw[::-1].tolist()
