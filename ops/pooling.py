@@ -6,9 +6,11 @@ import numpy as np
 from numba import njit
 
 from rmac.ops import whitening as _wh
+from rmac.ops.integral import SparseMaps
 from rmac.ops.regions import rmac_regions
 
-__all__ = ["l2n", "mac", "gem", "regional_mac", "regional_sum", "rmac_aggregate", "rmac_aggregate_many", "rmac"]
+__all__ = ["l2n", "mac", "gem", "regional_mac", "regional_mac_sparse", "regional_sum", "rmac_aggregate",
+           "rmac_aggregate_many", "rmac"]
 
 
 def l2n(x: np.ndarray, axis: int = -1, eps: float = 1e-12) -> np.ndarray:
@@ -65,6 +67,40 @@ def regional_mac(maps: np.ndarray, regions: np.ndarray) -> np.ndarray:
     for r, (x0, y0, w0, h0) in enumerate(regions.tolist()):
         out[r] = hwk[y0 : y0 + h0, x0 : x0 + w0].max(axis=(0, 1))
     return out
+
+
+def regional_mac_sparse(maps: SparseMaps, i: int, regions: np.ndarray, scale: float) -> np.ndarray:
+    """`regional_mac` of map ``i`` of stored quantised maps, dequantised by ``scale`` (> 0): float32
+    `(R, K)`, the same numbers as `regional_mac(dequantise(maps.dense(i), scale), regions)`.
+
+    A max commutes with a positive scale, so the levels are max-pooled first, in one pass over the map's
+    non-zeros (each added to the regions holding its cell); no dense map is made. Indexing spent most of
+    its time making dense float maps and scanning their zeros (~95 % of a stored map's values).
+    """
+    h, w = (int(v) for v in maps.map_hw[i])
+    regions = _check_regions(regions, w, h)
+    levels = np.zeros((len(regions), maps.channels), np.uint8)
+    a, b = maps.nz_start[i], maps.nz_start[i + 1]
+    _regional_max_levels(maps.chans[maps.chan_start[i]:maps.chan_start[i + 1]],
+                         maps.cell_nnz[maps.cell_start[i]:maps.cell_start[i + 1]], maps.nz_chan[a:b],
+                         maps.nz_level[a:b], w, regions, levels)
+    return levels.astype(np.float32) * np.float32(scale)
+
+
+@njit(cache=True, nogil=True)
+def _regional_max_levels(chans, cell_nnz, nz_chan, nz_level, w, regions, out):
+    n = 0
+    for c in range(cell_nnz.shape[0]):
+        y, x = c // w, c % w
+        first = n
+        n += cell_nnz[c]
+        for r in range(regions.shape[0]):
+            x0, y0 = regions[r, 0], regions[r, 1]
+            if x0 <= x < x0 + regions[r, 2] and y0 <= y < y0 + regions[r, 3]:
+                for t in range(first, n):
+                    ch = chans[nz_chan[t]]
+                    if nz_level[t] > out[r, ch]:
+                        out[r, ch] = nz_level[t]
 
 
 def _check_regional(regional: np.ndarray) -> np.ndarray:

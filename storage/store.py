@@ -483,10 +483,11 @@ class Store:
         """Refuse to read rows whose data files are gone (Zarr would read them as zeros)."""
         if stop <= start:
             return
-        done = self.done_partitions()  # pending partitions hold no data yet: nothing to miss
         ranges = []
         for p in range(self.partition_of(start), self.partition_of(stop - 1) + 1):
-            if p in done:
+            # pending partitions hold no data yet: nothing to miss. One stat per partition of the range, not a
+            # listing of all of them (at 1M that listing was 80 ms a call, once per partition indexed)
+            if self._part_file(p).is_file():
                 rows = self.partition_rows(p)
                 ranges.append((max(start, rows.start), min(stop, rows.stop)))
         missing = checksums.missing_chunks_in(self.path / "arrays", ranges, names, exclude, self.n_images)

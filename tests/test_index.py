@@ -363,3 +363,18 @@ def test_pq_behind_ivf_lists_probes_the_stored_nprobe_and_keeps_k_factor(tmp_pat
     np.testing.assert_array_equal(every[1], index.search(Q, 100, nprobe=nlist, k_factor=4)[1])  # k_factor kept
     assert recall(stored[1]) < recall(every[1]), (recall(stored[1]), recall(every[1]))
     assert recall(index.search(Q, 100, nprobe=nlist, k_factor=8)[1]) >= 0.9
+
+
+def test_regional_vectors_from_the_stored_non_zeros_equal_the_dense_path(dev_store):
+    """What indexing pools (`regional_vectors_of`: the stored non-zeros, one read per partition) is exactly
+    `regional_vectors` of each dense dequantised map (`Store.read_maps`), over rows of several partitions."""
+    from rmac.workflows.index import DEFAULT_L, regional_vectors, regional_vectors_of
+
+    dev_store = dev_store.store
+    rows = [int(r) for r in np.flatnonzero(dev_store.valid_rows())[::7]]
+    assert len({dev_store.partition_of(r) for r in rows}) > 2
+    got = regional_vectors_of(dev_store, rows, DEFAULT_L)
+    want = [regional_vectors(q, s, DEFAULT_L) for q, s in dev_store.read_maps(rows)]
+    assert len(got) == len(want) == len(rows)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and np.array_equal(g, w)

@@ -22,7 +22,7 @@ from typing import NamedTuple
 import numpy as np
 
 from rmac.ops import whitening as wh
-from rmac.ops.pooling import l2n, regional_mac, rmac_aggregate_many
+from rmac.ops.pooling import l2n, regional_mac, regional_mac_sparse, rmac_aggregate_many
 from rmac.ops.quantise import dequantise
 from rmac.ops.regions import rmac_regions
 from rmac.storage import checksums, ids as id_tables
@@ -53,6 +53,26 @@ def regional_vectors(q: np.ndarray, scale: float, L: int = DEFAULT_L) -> np.ndar
     return l2n(regional_mac(x, rmac_regions(w, h, L)))
 
 
+def regional_vectors_of(store: Store, rows: list[int], L: int = DEFAULT_L) -> list[np.ndarray]:
+    """`regional_vectors` of each stored row of ``rows`` (one `(R, K)` array each), pooled from the stored
+    non-zeros (`regional_mac_sparse`, the same numbers) with one read per partition."""
+    if not rows:
+        return []
+    lo = min(rows)
+    scale = store.read_checked(lo, max(rows) + 1, ("scale",))["scale"]  # checked against the record
+    parts = {p: store.read_sparse(p).maps for p in sorted({store.partition_of(r) for r in rows})}
+    grids: dict[tuple[int, int], np.ndarray] = {}  # maps share a few sizes; a grid costs ~0.3 ms to make
+    out = []
+    for r in rows:
+        p = store.partition_of(r)
+        sp, i = parts[p], r - store.partition_rows(p).start
+        h, w = (int(v) for v in sp.map_hw[i])
+        if (w, h) not in grids:
+            grids[w, h] = rmac_regions(w, h, L)
+        out.append(l2n(regional_mac_sparse(sp, i, grids[w, h], float(scale[r - lo]))))
+    return out
+
+
 def _partition_rows(store: Store, p: int, subset: np.ndarray | None) -> list[int]:
     part = store.partition_rows(p)
     rows = [r for r, ok in zip(part, store.valid_rows(part)) if ok]
@@ -78,8 +98,8 @@ def partition_stats(store: Store, p: int, L: int, subset: np.ndarray | None = No
     (rows in ``subset`` only), as one pair."""
     rows = _partition_rows(store, p, subset)
     regional, macs = wh.empty(store.config.channels), wh.empty(store.config.channels)
-    for q, scale in store.read_maps(rows):
-        regional = wh.merge(regional, wh.stats(regional_vectors(q, scale, L)))
+    for vectors in regional_vectors_of(store, rows, L):
+        regional = wh.merge(regional, wh.stats(vectors))
     if rows:
         macs = wh.stats(l2n(store.arrays["mac"].get_orthogonal_selection(np.asarray(rows))))
     return regional, macs
@@ -122,8 +142,7 @@ def partition_vectors(store: Store, p: int, whitening: Whitenings, L: int, wid: 
     store.verify_partition(p)  # damaged data is refused here, not indexed as zeros
     keep = [i for i, ok in enumerate(store.valid_rows(part)) if ok]
     if keep:
-        maps = store.read_maps([rows[i] for i in keep])
-        regional = [regional_vectors(q, s, L) for q, s in maps]
+        regional = regional_vectors_of(store, [rows[i] for i in keep], L)
         offsets = np.cumsum([0] + [len(r) for r in regional])
         out["rmac"][keep] = rmac_aggregate_many(np.concatenate(regional), offsets, whitening.regional)
         macs = store.arrays["mac"][rows[0]:rows[-1] + 1][keep]
