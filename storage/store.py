@@ -523,6 +523,12 @@ class Store:
     def read_maps(self, rows: Iterable[int]) -> list[tuple[np.ndarray, float]]:
         """The quantised maps of ``rows`` as dense uint8 ``(K, h, w)`` (their valid cells), with their
         scales. Each partition's codes are read and decoded once."""
+        return [(maps.dense(i), scale) for maps, i, scale in self.read_sparse_rows(rows)]
+
+    def read_sparse_rows(self, rows: Iterable[int]) -> list[tuple[_maps.SparseMaps, int, float]]:
+        """Per row of ``rows``: its partition's `SparseMaps`, the row's map number in them and its scale.
+        Each partition's codes are read and decoded once; the rows' data files must be there and their
+        scales match the record."""
         rows = [int(r) for r in rows]
         if not rows:
             return []
@@ -531,7 +537,7 @@ class Store:
         scale = self.read_checked(lo, hi, ("scale",))["scale"]  # checked against the record
         decoded = {p: self.read_sparse(p).maps for p in sorted({self.partition_of(r) for r in rows})}
         first = {p: self.partition_rows(p).start for p in decoded}
-        return [(decoded[p].dense(r - first[p]), float(scale[r - lo]))
+        return [(decoded[p], r - first[p], float(scale[r - lo]))
                 for r, p in ((r, self.partition_of(r)) for r in rows)]
 
     def read_sparse(self, p: int, cache: "_maps.PartitionCache | None" = None,

@@ -55,21 +55,14 @@ def regional_vectors(q: np.ndarray, scale: float, L: int = DEFAULT_L) -> np.ndar
 
 def regional_vectors_of(store: Store, rows: list[int], L: int = DEFAULT_L) -> list[np.ndarray]:
     """`regional_vectors` of each stored row of ``rows`` (one `(R, K)` array each), pooled from the stored
-    non-zeros (`regional_mac_sparse`, the same numbers) with one read per partition."""
-    if not rows:
-        return []
-    lo = min(rows)
-    scale = store.read_checked(lo, max(rows) + 1, ("scale",))["scale"]  # checked against the record
-    parts = {p: store.read_sparse(p).maps for p in sorted({store.partition_of(r) for r in rows})}
+    non-zeros (`regional_mac_sparse`, the same numbers) read by `Store.read_sparse_rows`."""
     grids: dict[tuple[int, int], np.ndarray] = {}  # maps share a few sizes; a grid costs ~0.3 ms to make
     out = []
-    for r in rows:
-        p = store.partition_of(r)
-        sp, i = parts[p], r - store.partition_rows(p).start
+    for sp, i, scale in store.read_sparse_rows(rows):
         h, w = (int(v) for v in sp.map_hw[i])
         if (w, h) not in grids:
             grids[w, h] = rmac_regions(w, h, L)
-        out.append(l2n(regional_mac_sparse(sp, i, grids[w, h], float(scale[r - lo]))))
+        out.append(l2n(regional_mac_sparse(sp, i, grids[w, h], scale)))
     return out
 
 
