@@ -49,7 +49,7 @@ import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 import numpy as np
 import zarr
@@ -318,7 +318,13 @@ def decode_frames(frames: Sequence, attrs: dict, select: np.ndarray | None = Non
     which = np.arange(len(hw)) if select is None else select
     if len(frames) != len(which):
         raise ValueError(f"{len(frames)} frames for {len(which)} images")
-    want = gb[which] + nnz[which]
+    return _decode_frames(frames, hw[which], nnz[which], gb[which], K, which, select)
+
+
+def _decode_frames(frames: Sequence, hw, nnz, gb, K: int, which, select) -> SparseMaps:
+    """`decode_frames` of images whose (selected) index entries are given; ``which``: their numbers, for
+    the errors."""
+    want = gb + nnz
     for i, f, size in zip(which, frames, want):
         got = _content_size(f) if len(f) else 0
         if got != size:
@@ -340,8 +346,39 @@ def decode_frames(frames: Sequence, attrs: dict, select: np.ndarray | None = Non
                           f"attributes give")
     codes = np.frombuffer(raw, np.uint8)
     gap_start = np.concatenate([[0], np.cumsum(want)[:-1]]).astype(np.int64)
-    gap_end = gap_start + gb[which]
-    return _sparse(codes, hw[which], nnz[which], gap_start, gap_end, gap_end, K, select)
+    gap_end = gap_start + gb
+    return _sparse(codes, hw, nnz, gap_start, gap_end, gap_end, K, select)
+
+
+def read_many(arrays_path: str | os.PathLike, wanted: Mapping[int, np.ndarray]) -> PartitionMaps | None:
+    """The maps ``wanted`` (partition -> offsets in it) of several partitions, decoded together: one
+    `PartitionMaps`, partition by partition in the order of ``wanted``, each in its offsets' order. A
+    short-list spread over a large store reads about one map per partition, and decoding them one
+    partition at a time cost ~0.4 ms of Python and numpy per partition; here it is one zstd call and one
+    `_decode` for all. None when a partition is not stored as per-image frames (read them one by one).
+    Damage raises as in `read_partition`, but without naming the partition: callers that must name it read
+    the partitions one by one again."""
+    frames, hw, nnz, gb, ihw, K = [], [], [], [], [], None
+    for p, select in wanted.items():
+        pm = partition_meta(arrays_path, p)
+        if pm.offsets is None or pm.encoding != FRAMES_ENCODING:
+            return None
+        select = _selection(select, len(pm.image_hw))
+        select = np.arange(len(pm.image_hw)) if select is None else select
+        h, z, g, k = pm.index
+        if K is not None and k != K:
+            raise CorruptMaps(f"partition {p} has {k} channels, others {K}")
+        K = k
+        chunk = os.path.join(arrays_path, "maps", partition_name(p), "c", "0")
+        if pm.meta["attributes"]["length"] and not os.path.isfile(chunk):
+            raise FileNotFoundError(f"{chunk}: the codes of partition {p} are missing")
+        frames += _read_frames(chunk, pm.meta, pm.offsets, select)
+        hw.append(h[select]), nnz.append(z[select]), gb.append(g[select]), ihw.append(pm.image_hw[select])
+    if K is None:
+        return None
+    hw, nnz, gb = np.concatenate(hw), np.concatenate(nnz), np.concatenate(gb)
+    which = np.arange(len(hw))
+    return PartitionMaps(_decode_frames(frames, hw, nnz, gb, K, which, which), np.concatenate(ihw))
 
 
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -474,6 +511,25 @@ def _parsed_meta(path: str, ino: int, size: int, mtime_ns: int) -> PartitionMeta
     return PartitionMeta(meta, enc, index, image_hw, offsets)
 
 
+def hold_meta(arrays_path: str | os.PathLike, partitions: Sequence[int], batch: int = 256) -> int:
+    """Parse and keep (`partition_meta`) the metadata of ``partitions``, ``batch`` files read at once
+    (`prefetch`), before queries need them; at most `META_CACHE_PARTITIONS`. Partitions without maps
+    are skipped. Returns how many are held."""
+    held, todo = 0, list(partitions)[:META_CACHE_PARTITIONS]
+    for b in range(0, len(todo), batch):
+        part = todo[b:b + batch]
+        root = os.path.join(arrays_path, "maps")
+        for p in part:
+            _advise(os.path.join(root, partition_name(p), "zarr.json"), [(0, 0)])
+        for p in part:
+            try:
+                partition_meta(arrays_path, p)
+                held += 1
+            except FileNotFoundError:
+                continue
+    return held
+
+
 def clear_meta_cache() -> None:
     """Forget every partition's parsed metadata (`partition_meta`) in this process."""
     _parsed_meta.cache_clear()
@@ -497,6 +553,42 @@ def read_partition(arrays_path: str | os.PathLike, p: int, select: np.ndarray | 
         codes = _read_codes(Path(path), pm.meta) if attrs["length"] else np.zeros(0, np.uint8)
         maps = decode_partition(codes, attrs, select)
     return PartitionMaps(maps, pm.image_hw[which])
+
+
+def prefetch(arrays_path: str | os.PathLike, wanted: Mapping[int, np.ndarray | None]) -> None:
+    """Ask the kernel to start reading, all at once, what reading the maps ``wanted`` (partition ->
+    offsets selected in it, None for all) needs: every partition's metadata first, then the selected
+    frames (or whole chunk files). A short-list spread over a large store needs about one partition per
+    image: read one after the other from a cold page cache, each costs a disk round trip (at 1M, 500 images
+    in ~490 partitions: 0.72-1.38 s in turn, 0.44-0.53 s prefetched). Only hints (``posix_fadvise``
+    WILLNEED): a missing file is left to the read that follows to report; a no-op without the call."""
+    root = os.path.join(arrays_path, "maps")
+    for p in wanted:
+        _advise(os.path.join(root, partition_name(p), "zarr.json"), [(0, 0)])
+    for p, select in wanted.items():
+        try:
+            pm = partition_meta(arrays_path, p)
+        except (OSError, ValueError, KeyError):  # the read reports it
+            continue
+        ranges = [(0, 0)]
+        if pm.offsets is not None and select is not None:
+            ranges = [(int(pm.offsets[i]), int(pm.offsets[i + 1] - pm.offsets[i])) for i in select
+                      if 0 <= i < len(pm.offsets) - 1 and pm.offsets[i + 1] > pm.offsets[i]]
+        _advise(os.path.join(root, partition_name(p), "c", "0"), ranges)
+
+
+def _advise(path: str, ranges: list[tuple[int, int]]) -> None:
+    if not hasattr(os, "posix_fadvise"):
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        for start, length in ranges:
+            os.posix_fadvise(fd, start, length, os.POSIX_FADV_WILLNEED)
+    finally:
+        os.close(fd)
 
 
 def _plain_chunk(meta: dict, compressors: list[str]) -> bool:
@@ -572,6 +664,17 @@ def create_maps_group(arrays_path: str | os.PathLike) -> None:
 # per-process cache of decoded partitions
 
 
+def _resolved(path: str) -> str:
+    """``path`` made absolute with links resolved; the links once per process (a store's folder does not
+    move while it is served; resolving took ~0.14 ms, once per partition of every short-list)."""
+    return _resolved_abs(os.path.abspath(path))
+
+
+@functools.lru_cache(maxsize=64)
+def _resolved_abs(path: str) -> str:
+    return str(Path(path).resolve())
+
+
 class PartitionCache:
     """A bounded LRU of decoded partitions, keyed by the partition's file identity (path, inode, size,
     mtime of its ``zarr.json``), so a rewritten or re-created store is never served stale maps."""
@@ -598,7 +701,7 @@ class PartitionCache:
             st = os.stat(path / "zarr.json")
         except FileNotFoundError:
             raise FileNotFoundError(f"{path}: no stored maps for partition {p}") from None
-        return (str(Path(arrays_path).resolve()), p, st.st_ino, st.st_size, st.st_mtime_ns)
+        return (_resolved(str(arrays_path)), p, st.st_ino, st.st_size, st.st_mtime_ns)
 
     def holds(self, arrays_path: str | os.PathLike, p: int) -> bool:
         """Whether partition ``p`` is cached (as it is on disk now)."""

@@ -540,6 +540,30 @@ class Store:
         return [(decoded[p], r - first[p], float(scale[r - lo]))
                 for r, p in ((r, self.partition_of(r)) for r in rows)]
 
+    def prefetch_maps(self, wanted: dict[int, np.ndarray | None]) -> None:
+        """Start reading, all at once, the maps about to be read: partition -> offsets in it (None: all)
+        (`rmac.storage.maps.prefetch`; hints only)."""
+        _maps.prefetch(self.path / "arrays", wanted)
+
+    def read_sparse_many(self, wanted: dict[int, np.ndarray]) -> _maps.PartitionMaps:
+        """The maps ``wanted`` (partition -> offsets in it) as one `PartitionMaps`, partition by partition
+        in the order of ``wanted``, each in its offsets' order: decoded all together (`maps.read_many`);
+        where that fails, or a partition is stored otherwise, read partition by partition with
+        `read_sparse` (whose errors name the partition)."""
+        from rmac.ops.integral import take_maps
+
+        if not wanted:
+            raise ValueError("no maps wanted")
+        try:
+            many = _maps.read_many(self.path / "arrays", wanted)
+        except Exception:  # noqa: BLE001  (damage, a bad offset: the reads below say which and where)
+            many = None
+        if many is not None:
+            return many
+        parts = [self.read_sparse(p, select=sel) for p, sel in wanted.items()]
+        return _maps.PartitionMaps(take_maps([(pm.maps, np.arange(len(pm.image_hw))) for pm in parts]),
+                                   np.concatenate([pm.image_hw for pm in parts]))
+
     def read_sparse(self, p: int, cache: "_maps.PartitionCache | None" = None,
                     select: np.ndarray | None = None) -> _maps.PartitionMaps:
         """Every map of partition ``p`` as `SparseMaps` (map ``i`` is row ``partition_rows(p)[i]``; a

@@ -103,13 +103,15 @@ def test_a_small_run_end_to_end_then_reused(scheduler, tmp_path):
     assert {"exact_workers", "exact_client", *pq} <= set(f)
     assert f["exact_client"]["recall_vs_workers"] > 0.99
     assert all(0.9 <= f[k]["recall@100"] <= 1.0 for k in pq)
-    assert all(f[k]["thread_p50_ms"] > 0 for k in (*pq, "exact_workers"))  # the actor thread, side by side
+    assert all(f[k]["thread_p50_ms"] > 0 and f[k]["actor_p50_ms"] > 0  # the actors, side by side
+               for k in (*pq, "exact_workers"))
     assert res["approximate"]["pq"]["factory"] == "IDMap,PQ640x4fs,Refine(SQ8)"
     assert res["approximate"]["pq_d128"]["factory"] == "IDMap,PCA128,PQ64x4fs,Refine(SQ8)"
     assert res["approximate"]["pq_d128_ivf4"]["factory"] == "IDMap,PCA128,IVF4,PQ64x4fs,Refine(SQ8)"
     assert res["approximate"]["pq_d128"]["scan_dim"] == 128
     assert res["approx_shard_rows"] == 150  # one shard per worker
     assert res["query_filter"] in pq
+    assert res["metadata_held"]["partitions"] > 10  # the distractors' 10 partitions and the dev set's, held first
     for k in ("filter_s", "rerank_s", "qe_s", "end_to_end_s", "extract_s"):
         assert 0 < res["query"][k]["p50"] < 60
     assert res["bytes"]["per_image"] > res["bytes"]["maps_per_image"] > 0

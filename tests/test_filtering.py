@@ -71,6 +71,41 @@ def test_single_queries_search_on_the_event_loop_with_the_same_results(client, d
     np.testing.assert_array_equal(inline.search("rmac", q[:1], 10)[1], threaded.search("rmac", q[:1], 10)[1])
 
 
+def test_single_queries_go_over_direct_lines_with_the_same_results(client, dev_store):
+    """A query of up to INLINE_ROWS rows goes over each worker's direct line (`filterline`), with the same
+    top k as through the actors; a batch still goes through the actors; a stranger's bytes on a line's
+    port and a failing search (wrong dimension: raised as through the actors) leave the lines usable."""
+    import socket
+
+    from rmac.workflows.filtering import INLINE_ROWS, ScatteredFilter
+
+    st = Store(dev_store.path)
+    direct = ScatteredFilter(client, [st.path], [0])
+    actors = ScatteredFilter(client, [st.path], [0], direct=False)
+    q = _queries(st)["rmac"]
+    for rows in (q[:1], q[:INLINE_ROWS]):
+        for k in (1, 10, st.n_images + 5):
+            a, b = direct.search("rmac", rows, k), actors.search("rmac", rows, k)
+            np.testing.assert_array_equal(a[1], b[1])
+            np.testing.assert_allclose(a[0], b[0], atol=1e-6)
+    assert len(direct._lines) == 2 and not actors._lines  # one line per worker holding shards
+    a, b = direct.search("rmac", q, 10), actors.search("rmac", q, 10)  # a batch: through the actors
+    np.testing.assert_array_equal(a[1], b[1])
+    host, port = next(iter(direct._lines.values())).sock.getpeername()[:2]
+    with socket.create_connection((host, port)) as stranger:  # not our protocol: the worker hangs up
+        stranger.sendall(b"GET / HTTP/1.0\r\n\r\n" + bytes(64))
+        try:
+            assert stranger.recv(16) == b""  # closed, nothing answered
+        except ConnectionResetError:  # closed with our bytes unread
+            pass
+    np.testing.assert_array_equal(direct.search("rmac", q[:1], 10)[1], b[1][:1])
+    with pytest.raises(AssertionError):  # FAISS checks the dimension: on the line, then through the actor
+        direct.search("rmac", np.ones((1, 7), np.float32), 10)
+    assert not direct._lines  # closed after the failure, opened again by the next query
+    np.testing.assert_array_equal(direct.search("rmac", q[:1], 10)[1], b[1][:1])
+    assert len(direct._lines) == 2
+
+
 def test_ivf_template_shards_share_lists_and_full_probe_is_exact(client, dev_store, tmp_path):
     """`rmac index --ivf`: one k-means per vector kind; every shard copies it; probing every list
     returns exactly the flat top k, through the workers."""
@@ -222,7 +257,8 @@ def test_actor_searches_fall_back_to_tasks_when_a_worker_dies(dev_store):
         filt = ScatteredFilter(c, [dev_store.path], [0])
         s, i = filt.search("rmac", q, 10)
         np.testing.assert_allclose(s, ref_s, atol=1e-5)
-        assert len(filt._holders) == 2  # one actor per worker holding shards
+        np.testing.assert_allclose(filt.search("rmac", q[:1], 10)[0], ref_s[:1], atol=1e-5)  # over the lines
+        assert len(filt._holders) == 2 and len(filt._lines) == 2  # one actor, one line per worker holding shards
         gone = sorted(filt._holders)[0]
         c.run(_exit_soon, workers=[gone])
         for _ in range(300):  # the nanny restarts it under a new address
@@ -230,9 +266,11 @@ def test_actor_searches_fall_back_to_tasks_when_a_worker_dies(dev_store):
             if gone not in workers and len(workers) == 2:
                 break
             time.sleep(0.1)
-        s, i = filt.search("rmac", q, 10)  # through tasks
-        np.testing.assert_allclose(s, ref_s, atol=1e-5)
-        assert not filt._holders and gone not in filt.workers
+        s, i = filt.search("rmac", q[:1], 10)  # a dead line, then dead actors: through tasks
+        np.testing.assert_allclose(s, ref_s[:1], atol=1e-5)
+        assert not filt._holders and not filt._lines and gone not in filt.workers
         s, i = filt.search("rmac", q, 10)  # new actors on the workers there are now
         np.testing.assert_allclose(s, ref_s, atol=1e-5)
+        np.testing.assert_allclose(filt.search("rmac", q[:1], 10)[0], ref_s[:1], atol=1e-5)
+        assert len(filt._lines) == 2
         assert set(filt._holders) <= set(c.scheduler_info()["workers"]) and filt._holders

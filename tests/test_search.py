@@ -194,6 +194,25 @@ def test_cluster_rerank_and_qe_equal_single_process(dev_store, db, queries, rank
         assert set(ranking.timings) == {"filter_s", "rerank_s", "qe_s"}
 
 
+def test_hold_metadata_gives_each_worker_the_partitions_it_reranks(client, db, queries, rankings):
+    """`Database.hold_metadata`: every worker parses and keeps the metadata of exactly the partitions
+    `rerank_many` sends it (partition modulo the sorted workers); the answers stay the same."""
+    from rmac.storage import maps as M
+
+    client.run(M.clear_meta_cache)
+    store = db.stores[0]
+    held = db.hold_metadata(client)
+    assert held == store.n_partitions  # every partition has maps
+    sizes = client.run(lambda: M._parsed_meta.cache_info().currsize)
+    workers = sorted(sizes)
+    assert sizes == {w: sum(1 for p in range(store.n_partitions) if p % len(workers) == i)
+                     for i, w in enumerate(workers)}
+    misses = client.run(lambda: M._parsed_meta.cache_info().misses)
+    again = answer(db, client, queries[0], SearchParams(top_n=TOP_N, qe=QE))
+    assert client.run(lambda: M._parsed_meta.cache_info().misses) == misses  # nothing parsed again
+    assert_same_ranking(again.rows, again.scores, rankings[0].rows, rankings[0].scores)
+
+
 def test_boxes_are_image_pixels_inside_the_image(dev_store, rankings):
     store = dev_store.store
     image_hw = store.arrays["image_hw"][:]

@@ -365,7 +365,7 @@ def test_store_writes_sparse_reads_dense_and_refuses_format_1(tmp_path):
         Store(tmp_path / "s")
 
 
-def test_rerank_rows_reads_partitions_once_and_matches_the_kernel_on_dense_maps(tmp_path):
+def test_rerank_rows_reads_partitions_once_and_matches_the_kernel_on_dense_maps(tmp_path, monkeypatch):
     """`rerank_rows` (a search task): rows from several partitions, in any order, through the worker
     cache or not, give the kernel's results on the dense maps, row for row; a second call hits the cache."""
     from rmac.ops.aml import box_to_pixels
@@ -412,7 +412,11 @@ def test_rerank_rows_reads_partitions_once_and_matches_the_kernel_on_dense_maps(
     # nothing is cached; the results are the kernel's all the same
     S.worker_map_cache().clear()
     few = [9, 0, 5]
+    decoded = []
+    read_many = M.read_many
+    monkeypatch.setattr(M, "read_many", lambda *a: decoded.append(read_many(*a)) or decoded[-1])
     (got,) = S.rerank_rows(store, [(qv, few)], w, S.SearchParams(filter="rmac"), cache=True)
+    assert len(decoded) == 1 and len(decoded[0].image_hw) == 3  # the three partitions' maps decoded together
     ref = R.rerank([maps[r] for r in few], qv.mac, qv.aspect, q_rmac=qv.rmac, whitening=w)
     np.testing.assert_allclose(got["scores"], ref.scores, rtol=0, atol=1e-6)
     assert got["boxes"] == [box_to_pixels(ref.boxes[i], hw[r], ihw[r], S.cell_geometry(store, ihw[r]))
@@ -448,3 +452,74 @@ def test_partition_metadata_is_parsed_once_per_file_version(tmp_path):
     for i in range(n):
         assert np.array_equal(got.maps.dense(i), _dense(maps[n - 1 - i]))
     assert got.image_hw.tolist() == ihw[::-1].tolist()
+
+
+def test_prefetch_asks_for_the_metadata_and_only_the_selected_frames(tmp_path, monkeypatch):
+    """`prefetch` hints every wanted partition's ``zarr.json`` and then exactly the selected frames'
+    byte ranges (the whole chunk when all are wanted); a missing partition or an offset out of range is
+    left to the read that follows, and the reads return the same maps."""
+    arrays = tmp_path / "arrays"
+    maps, ihw = _partition()
+    M.write_partition_maps(arrays, 0, maps, ihw)
+    advised = []
+    real = os.posix_fadvise
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, a, n, how: (advised.append(
+        (os.readlink(f"/proc/self/fd/{fd}"), a, n, how)), real(fd, a, n, how))[1])
+    off = M.partition_meta(arrays, 0).offsets
+    M.prefetch(arrays, {0: np.array([1, 99]), 7: None})
+    meta, chunk = str(M.partition_path(arrays, 0) / "zarr.json"), str(M.chunk_file(arrays, 0))
+    assert advised == [(meta, 0, 0, os.POSIX_FADV_WILLNEED),
+                       (chunk, int(off[1]), int(off[2] - off[1]), os.POSIX_FADV_WILLNEED)]
+    advised.clear()
+    M.prefetch(arrays, {0: None})
+    assert advised == [(meta, 0, 0, os.POSIX_FADV_WILLNEED), (chunk, 0, 0, os.POSIX_FADV_WILLNEED)]
+    assert np.array_equal(M.read_partition(arrays, 0, [1]).maps.dense(0), _dense(maps[1]))
+
+
+def test_hold_meta_keeps_the_partitions_that_have_maps(tmp_path):
+    """`hold_meta` parses and keeps each listed partition's metadata (a partition without maps is
+    skipped), so the reads that follow parse nothing."""
+    arrays = tmp_path / "arrays"
+    maps, ihw = _partition()
+    for p in (0, 2):
+        M.write_partition_maps(arrays, p, maps, ihw)
+        old = time.time_ns() - 10 * M.RACY_NS
+        os.utime(M.partition_path(arrays, p) / "zarr.json", ns=(old, old))
+    M.clear_meta_cache()
+    assert M.hold_meta(arrays, [0, 1, 2], batch=2) == 2
+    assert M._parsed_meta.cache_info().currsize == 2
+    M.read_partition(arrays, 2, [0])
+    assert M._parsed_meta.cache_info().misses == 2  # the read found it held
+
+
+def test_maps_of_many_partitions_decode_together_as_one_by_one(tmp_path):
+    """`maps.read_many` / `Store.read_sparse_many`: maps of several partitions (any offsets, any order, a
+    failed image among them) decoded together equal those read partition by partition; a store with a
+    partition of the old layout is read one by one; a truncated chunk is a StoreError naming its partition."""
+    rng = np.random.default_rng(9)
+    ids = [f"im{i}" for i in range(9)]
+    store = Store.create(tmp_path / "s", ids, ids, _config())
+    maps = [_q_map(rng, 8, *rng.integers(1, 7, 2), 0.8) for _ in ids]
+    maps[4] = None  # failed
+    hw = np.array([m.shape[1:] if m is not None else (0, 0) for m in maps])
+    recs = [{"id": i, "path": i, "status": "done" if m is not None else "failed", "reason": None}
+            for i, m in zip(ids, maps)]
+    for p in range(3):
+        sl = slice(3 * p, 3 * p + 3)
+        store.write_partition(p, recs[sl], np.zeros((3, 8)), maps[sl], np.ones(3), hw[sl], hw[sl] * 32 + 1)
+    wanted = {2: np.array([2, 0]), 0: np.array([1]), 1: np.array([0, 1, 2])}
+    rows = [3 * p + int(o) for p, sel in wanted.items() for o in sel]
+    arrays = tmp_path / "s" / "arrays"
+    for got in (M.read_many(arrays, wanted), store.read_sparse_many(wanted)):
+        assert got.image_hw.tolist() == (hw[rows] * 32 + 1).tolist()
+        for j, r in enumerate(rows):
+            want = maps[r] if maps[r] is not None else np.zeros((8, 0, 0), np.uint8)
+            assert np.array_equal(got.maps.dense(j), want), r
+    M.write_partition_maps_joint(arrays, 0, maps[:3], hw[:3] * 32 + 1, 8)  # as before per-image frames
+    assert M.read_many(arrays, wanted) is None
+    got = store.read_sparse_many(wanted)
+    assert all(np.array_equal(got.maps.dense(j), maps[r]) for j, r in enumerate(rows) if maps[r] is not None)
+    chunk = M.chunk_file(arrays, 2)
+    chunk.write_bytes(chunk.read_bytes()[:-5])
+    with pytest.raises(StoreError, match="maps of partition 2 unreadable"):
+        store.read_sparse_many(wanted)

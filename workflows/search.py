@@ -224,6 +224,18 @@ class Database:
         self._indexes: dict[str, list] = {}
         self.scattered = None  # a ScatteredFilter once `scatter_filtering` is called
 
+    def hold_metadata(self, client) -> int:
+        """Have each worker parse and keep the metadata of the partitions it re-ranks (the assignment of
+        `rerank_many`), before the queries: a short-list's first read of a partition then skips its
+        ``zarr.json`` (at 1M, ~950 partitions per query, most never read before by a fresh worker: 500
+        maps cold in 1.37 s, 0.54 s with the metadata held). For a cluster that serves many queries.
+        Returns how many partitions are held in all."""
+        workers = sorted(client.scheduler_info()["workers"])
+        futures = [client.submit(hold_partition_meta, s, [p for p in range(s.n_partitions) if (p + si) % len(workers) == wi],
+                                 workers=[w], pure=False)
+                   for si, s in enumerate(self.stores) for wi, w in enumerate(workers)]
+        return int(sum(client.gather(futures)))
+
     def scatter_filtering(self, client) -> "Database":
         """Let the workers of ``client`` hold the FAISS shards and filter where they live
         (`rmac.workflows.filtering`); the client no longer loads any shard."""
@@ -287,6 +299,13 @@ def worker_map_cache() -> PartitionCache:
         return _MAP_CACHE
 
 
+def hold_partition_meta(store: Store, partitions: list[int]) -> int:
+    """A task: this worker keeps the metadata of ``partitions`` of ``store`` (`maps.hold_meta`)."""
+    from rmac.storage.maps import hold_meta
+
+    return hold_meta(store.path / "arrays", partitions)
+
+
 def rerank_rows(store: Store, jobs: list[tuple[QueryVectors, list[int]]],
                 whitening: Whitenings | wh.Whitening, params: SearchParams, cache: bool = True) -> list[dict]:
     """AML re-ranking of rows of one store (a Dask task): for each (query, rows) job, the rows' scores,
@@ -306,13 +325,20 @@ def rerank_rows(store: Store, jobs: list[tuple[QueryVectors, list[int]]],
     needed: dict[int, set[int]] = defaultdict(set)
     for r, p in part_of.items():
         needed[p].add(r - first[p])
+    arrays = store.path / "arrays"
+    held = {p for p in needed if c is not None and c.holds(arrays, p)}
+    whole = held | {p for p, local in needed.items() if c is not None and 4 * len(local) > store.config.partition_size}
+    select = {p: np.array(sorted(local), dtype=np.int64) for p, local in needed.items() if p not in whole}
+    store.prefetch_maps({p: select.get(p) for p in needed if p not in held})  # reads in flight together
     parts, at = {}, {}  # at[p]: offset in the partition -> position in parts[p] (None: the whole partition)
-    for p, local in sorted(needed.items()):
-        if c is not None and (4 * len(local) > store.config.partition_size or c.holds(store.path / "arrays", p)):
-            parts[p], at[p] = store.read_sparse(p, c), None  # whole, and kept for the next queries
-        else:  # a few maps of a partition (a short-list spread over a large store): decode only those
-            sel = np.array(sorted(local), dtype=np.int64)
-            parts[p], at[p] = store.read_sparse(p, select=sel), {int(o): k for k, o in enumerate(sel)}
+    for p in sorted(whole):
+        parts[p], at[p] = store.read_sparse(p, c), None  # whole, and kept for the next queries
+    if select:  # a few maps of each partition (a short-list spread over a large store): only those, decoded together
+        select = dict(sorted(select.items()))
+        few, k = store.read_sparse_many(select), 0
+        for p, sel in select.items():
+            parts[p], at[p] = few, {int(o): k + j for j, o in enumerate(sel)}
+            k += len(sel)
     out = []
     for qv, rows in jobs:
         rows = [int(r) for r in rows]
@@ -322,8 +348,14 @@ def rerank_rows(store: Store, jobs: list[tuple[QueryVectors, list[int]]],
             p = part_of[rows[i]]
             o = rows[i] - first[p]
             by_part[p].append(o if at[p] is None else at[p][o])
-        sp = take_maps([(parts[p].maps, np.asarray(local)) for p, local in by_part.items()])
-        image_hw = np.concatenate([parts[p].image_hw[local] for p, local in by_part.items()])
+        runs: list[tuple[object, list[int]]] = []  # (decoded maps, positions): one run per source in a row
+        for p, local in by_part.items():
+            if runs and runs[-1][0] is parts[p]:
+                runs[-1][1].extend(local)
+            else:
+                runs.append((parts[p], list(local)))
+        sp = take_maps([(src.maps, np.asarray(pos, np.int64)) for src, pos in runs])
+        image_hw = np.concatenate([src.image_hw[np.asarray(pos, np.int64)] for src, pos in runs])
         res = rerank_scales(sp, qv, whitening, params, store.config.levels)
         back = np.empty(len(rows), np.int64)
         back[np.asarray(order, np.int64)] = np.arange(len(rows))  # result of rows[i] is at back[i]
