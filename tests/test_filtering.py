@@ -274,3 +274,21 @@ def test_actor_searches_fall_back_to_tasks_when_a_worker_dies(dev_store):
         np.testing.assert_allclose(filt.search("rmac", q[:1], 10)[0], ref_s[:1], atol=1e-5)
         assert len(filt._lines) == 2
         assert set(filt._holders) <= set(c.scheduler_info()["workers"]) and filt._holders
+
+
+def test_workers_without_plain_tcp_get_no_line(dev_store):
+    """Workers whose comms are not plain ``tcp://`` (here in-process) offer no direct line: a single query
+    goes through the actors, and the client asks each worker for a line only once."""
+    from distributed import Client, LocalCluster
+
+    from rmac.workflows.filtering import ScatteredFilter
+
+    q = _queries(dev_store.store)["rmac"][:1]
+    ref_s, ref_i = Database([Store(dev_store.path)]).filter("rmac", q, 10)
+    with LocalCluster(n_workers=1, processes=False, dashboard_address=None) as cluster, Client(cluster) as c:
+        assert cluster.scheduler_address.startswith("inproc://")
+        filt = ScatteredFilter(c, [dev_store.path], [0])
+        for _ in range(2):
+            s, i = filt.search("rmac", q, 10)
+            np.testing.assert_allclose(s, ref_s, atol=1e-5)
+        assert list(filt._lines.values()) == [None]

@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from rmac.storage.index import MANIFEST
+from rmac.workflows.filterline import MAX_ROWS
 
 INLINE_ROWS = 4  # query rows searched on the worker's event loop (more: in the actor's thread)
 
@@ -167,7 +168,8 @@ class ScatteredFilter:
         q = np.ascontiguousarray(np.atleast_2d(q), dtype=np.float32)
         plan = self.plan(kind)
         with self._lock:
-            parts = self._by_lines(plan, q, k, nprobe, k_factor) if self.direct and len(q) <= self.inline_rows else None
+            single = len(q) <= min(self.inline_rows, MAX_ROWS)
+            parts = self._by_lines(plan, q, k, nprobe, k_factor) if self.direct and single else None
             if parts is None:
                 parts = self._by_actors(plan, q, k, nprobe, k_factor)
         if parts is None:  # a worker is gone: tasks, which another worker may take
@@ -205,9 +207,9 @@ class ScatteredFilter:
                 key = (w, tuple(refs))
                 if key not in self._lines:
                     where = self._holders[w].line(list(refs)).result()
-                    if where is None:
-                        return None
-                    self._lines[key] = Line(*where, timeout=self.line_timeout)
+                    self._lines[key] = Line(*where, timeout=self.line_timeout) if where else None
+                if self._lines[key] is None:  # the worker offers none (not plain TCP): asked once
+                    return None
                 lines.append(self._lines[key])
             for line in lines:  # every worker searches at once
                 line.send(q, k, nprobe, k_factor)
@@ -219,7 +221,8 @@ class ScatteredFilter:
     def close_lines(self) -> None:
         """Hang up every direct line (the next single query opens them again)."""
         for line in self._lines.values():
-            line.close()
+            if line is not None:
+                line.close()
         self._lines.clear()
 
     def _by_actors(self, plan: dict[str, list[ShardRef]], q, k, nprobe, k_factor) -> list | None:

@@ -27,7 +27,7 @@ import numpy as np
 HEAD_Q = struct.Struct("<4sIiiiif")
 HEAD_A = struct.Struct("<4sBQ")
 MAGIC_Q, MAGIC_A = b"RMQ1", b"RMA1"
-MAX_ROWS, MAX_DIM, MAX_K = 4096, 65536, 1 << 20
+MAX_ROWS, MAX_DIM, MAX_K = 16, 65536, 1 << 20  # a line carries single queries: bounded answers (<= 200 MB)
 OK, FAILED = 0, 1
 
 

@@ -231,7 +231,8 @@ class Database:
         maps cold in 1.37 s, 0.54 s with the metadata held). For a cluster that serves many queries.
         Returns how many partitions are held in all."""
         workers = sorted(client.scheduler_info()["workers"])
-        futures = [client.submit(hold_partition_meta, s, [p for p in range(s.n_partitions) if (p + si) % len(workers) == wi],
+        futures = [client.submit(hold_partition_meta, s,
+                                 [p for p in range(s.n_partitions) if (p + si) % len(workers) == wi],
                                  workers=[w], pure=False)
                    for si, s in enumerate(self.stores) for wi, w in enumerate(workers)]
         return int(sum(client.gather(futures)))
@@ -311,10 +312,11 @@ def rerank_rows(store: Store, jobs: list[tuple[QueryVectors, list[int]]],
     """AML re-ranking of rows of one store (a Dask task): for each (query, rows) job, the rows' scores,
     pixel boxes and localised vectors, in the order of its rows. Each partition the jobs touch is read
     once: decoded whole and kept in this worker's cache when more than a quarter of its maps are needed (or
-    it is cached already), otherwise only the needed maps are read and decoded (a short-list spread over a
-    large store needs about one map per partition; with per-image frames, `storage/maps.py`, reading k of
-    a partition's P maps costs about k/P of reading it whole, so the quarter is a caching choice: below it
-    a partition is unlikely to serve the next queries enough to pay for reading it whole)."""
+    it is cached already), otherwise only the needed maps are read, and decoded all together (a
+    short-list spread over a large store needs about one map per partition; with per-image frames,
+    `storage/maps.py`, reading k of a partition's P maps costs about k/P of reading it whole, so the
+    quarter is a caching choice: below it a partition is unlikely to serve the next queries enough to pay
+    for reading it whole). Every read is hinted to the kernel first (`Store.prefetch_maps`)."""
     c = worker_map_cache() if cache else None
     part_of = {r: store.partition_of(r) for _, rows in jobs for r in rows}
     missing = store.missing_partition_chunks(sorted(set(part_of.values())))  # stat calls only
@@ -335,10 +337,10 @@ def rerank_rows(store: Store, jobs: list[tuple[QueryVectors, list[int]]],
         parts[p], at[p] = store.read_sparse(p, c), None  # whole, and kept for the next queries
     if select:  # a few maps of each partition (a short-list spread over a large store): only those, decoded together
         select = dict(sorted(select.items()))
-        few, k = store.read_sparse_many(select), 0
+        few, start = store.read_sparse_many(select), 0
         for p, sel in select.items():
-            parts[p], at[p] = few, {int(o): k + j for j, o in enumerate(sel)}
-            k += len(sel)
+            parts[p], at[p] = few, {int(o): start + j for j, o in enumerate(sel)}
+            start += len(sel)
     out = []
     for qv, rows in jobs:
         rows = [int(r) for r in rows]
