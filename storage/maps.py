@@ -369,10 +369,7 @@ def read_many(arrays_path: str | os.PathLike, wanted: Mapping[int, np.ndarray]) 
         if K is not None and k != K:
             raise CorruptMaps(f"partition {p} has {k} channels, others {K}")
         K = k
-        chunk = os.path.join(arrays_path, "maps", partition_name(p), "c", "0")
-        if pm.meta["attributes"]["length"] and not os.path.isfile(chunk):
-            raise FileNotFoundError(f"{chunk}: the codes of partition {p} are missing")
-        frames += _read_frames(chunk, pm.meta, pm.offsets, select)
+        frames += _read_frames(_codes_file(arrays_path, p, pm), pm.meta, pm.offsets, select)
         hw.append(h[select]), nnz.append(z[select]), gb.append(g[select]), ihw.append(pm.image_hw[select])
     if K is None:
         return None
@@ -518,9 +515,7 @@ def hold_meta(arrays_path: str | os.PathLike, partitions: Sequence[int], batch: 
     held, todo = 0, list(partitions)[:META_CACHE_PARTITIONS]
     for b in range(0, len(todo), batch):
         part = todo[b:b + batch]
-        root = os.path.join(arrays_path, "maps")
-        for p in part:
-            _advise(os.path.join(root, partition_name(p), "zarr.json"), [(0, 0)])
+        _advise_meta(arrays_path, part)
         for p in part:
             try:
                 partition_meta(arrays_path, p)
@@ -542,9 +537,7 @@ def read_partition(arrays_path: str | os.PathLike, p: int, select: np.ndarray | 
     pm = partition_meta(arrays_path, p)
     path = os.path.join(arrays_path, "maps", partition_name(p))
     attrs = pm.meta["attributes"]
-    chunk = os.path.join(path, "c", "0")
-    if attrs["length"] and not os.path.isfile(chunk):  # Zarr would read zeros
-        raise FileNotFoundError(f"{chunk}: the codes of partition {p} are missing")
+    chunk = _codes_file(arrays_path, p, pm)
     select = _selection(select, len(pm.image_hw))
     which = np.arange(len(pm.image_hw)) if select is None else select
     if pm.offsets is not None:
@@ -562,9 +555,8 @@ def prefetch(arrays_path: str | os.PathLike, wanted: Mapping[int, np.ndarray | N
     image: read one after the other from a cold page cache, each costs a disk round trip (at 1M, 500 images
     in ~490 partitions: 0.72-1.38 s in turn, 0.44-0.53 s prefetched). Only hints (``posix_fadvise``
     WILLNEED): a missing file is left to the read that follows to report; a no-op without the call."""
+    _advise_meta(arrays_path, wanted)
     root = os.path.join(arrays_path, "maps")
-    for p in wanted:
-        _advise(os.path.join(root, partition_name(p), "zarr.json"), [(0, 0)])
     for p, select in wanted.items():
         try:
             pm = partition_meta(arrays_path, p)
@@ -575,6 +567,13 @@ def prefetch(arrays_path: str | os.PathLike, wanted: Mapping[int, np.ndarray | N
             ranges = [(int(pm.offsets[i]), int(pm.offsets[i + 1] - pm.offsets[i])) for i in select
                       if 0 <= i < len(pm.offsets) - 1 and pm.offsets[i + 1] > pm.offsets[i]]
         _advise(os.path.join(root, partition_name(p), "c", "0"), ranges)
+
+
+def _advise_meta(arrays_path: str | os.PathLike, partitions) -> None:
+    """Hint the ``zarr.json`` of each of ``partitions`` (read whole)."""
+    root = os.path.join(arrays_path, "maps")
+    for p in partitions:
+        _advise(os.path.join(root, partition_name(p), "zarr.json"), [(0, 0)])
 
 
 def _advise(path: str, ranges: list[tuple[int, int]]) -> None:
@@ -589,6 +588,15 @@ def _advise(path: str, ranges: list[tuple[int, int]]) -> None:
             os.posix_fadvise(fd, start, length, os.POSIX_FADV_WILLNEED)
     finally:
         os.close(fd)
+
+
+def _codes_file(arrays_path: str | os.PathLike, p: int, pm: PartitionMeta) -> str:
+    """The path of partition ``p``'s one chunk file, which must exist when it holds codes (Zarr would
+    read a missing one as zeros)."""
+    chunk = os.path.join(arrays_path, "maps", partition_name(p), "c", "0")
+    if pm.meta["attributes"]["length"] and not os.path.isfile(chunk):
+        raise FileNotFoundError(f"{chunk}: the codes of partition {p} are missing")
+    return chunk
 
 
 def _plain_chunk(meta: dict, compressors: list[str]) -> bool:
