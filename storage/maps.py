@@ -47,7 +47,7 @@ import json
 import os
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from pathlib import Path
 from typing import Mapping, NamedTuple, Sequence
 
@@ -490,7 +490,15 @@ def partition_meta(arrays_path: str | os.PathLike, p: int) -> PartitionMeta:
         raise FileNotFoundError(f"{path}: no stored maps for partition {p}") from None
     if time.time_ns() - st.st_mtime_ns < RACY_NS:
         return _parsed_meta.__wrapped__(path, st.st_ino, st.st_size, st.st_mtime_ns)
+    _HELD_META.add(path)
     return _parsed_meta(path, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+# The partitions whose metadata `partition_meta` has kept, so that `prefetch` hints only the others'
+# zarr.json (a hint costs an open and a close, ~1,000 per query at 1M, and the held metadata needs no
+# read). Hints only: a partition rewritten since, or dropped by the LRU, gets its read not hinted ahead,
+# never a wrong read.
+_HELD_META: set[str] = set()
 
 
 @functools.lru_cache(maxsize=META_CACHE_PARTITIONS)
@@ -528,6 +536,7 @@ def hold_meta(arrays_path: str | os.PathLike, partitions: Sequence[int], batch: 
 def clear_meta_cache() -> None:
     """Forget every partition's parsed metadata (`partition_meta`) in this process."""
     _parsed_meta.cache_clear()
+    _HELD_META.clear()
 
 
 def read_partition(arrays_path: str | os.PathLike, p: int, select: np.ndarray | None = None) -> PartitionMaps:
@@ -550,13 +559,14 @@ def read_partition(arrays_path: str | os.PathLike, p: int, select: np.ndarray | 
 
 def prefetch(arrays_path: str | os.PathLike, wanted: Mapping[int, np.ndarray | None]) -> None:
     """Ask the kernel to start reading, all at once, what reading the maps ``wanted`` (partition ->
-    offsets selected in it, None for all) needs: every partition's metadata first, then the selected
-    frames (or whole chunk files). A short-list spread over a large store needs about one partition per
-    image: read one after the other from a cold page cache, each costs a disk round trip (at 1M, 500 images
-    in ~490 partitions: 0.72-1.38 s in turn, 0.44-0.53 s prefetched). Only hints (``posix_fadvise``
-    WILLNEED): a missing file is left to the read that follows to report; a no-op without the call."""
-    _advise_meta(arrays_path, wanted)
+    offsets selected in it, None for all) needs: the metadata of every partition not held parsed yet
+    (`partition_meta`) first, then the selected frames (or whole chunk files). A short-list spread over a
+    large store needs about one partition per image: read one after the other from a cold page cache,
+    each costs a disk round trip (at 1M, 500 images in ~490 partitions: 0.72-1.38 s in turn, 0.44-0.53 s
+    prefetched). Only hints (``posix_fadvise`` WILLNEED): a missing file is left to the read that follows
+    to report; a no-op without the call."""
     root = os.path.join(arrays_path, "maps")
+    _advise_meta(arrays_path, [p for p in wanted if os.path.join(root, partition_name(p)) not in _HELD_META])
     for p, select in wanted.items():
         try:
             pm = partition_meta(arrays_path, p)
@@ -690,6 +700,7 @@ class PartitionCache:
     def __init__(self, max_bytes: int):
         self.max_bytes = int(max_bytes)
         self._items: OrderedDict[tuple, PartitionMaps] = OrderedDict()
+        self._parts: Counter[tuple[str, int]] = Counter()  # (store, partition) -> versions held
         self._bytes = 0
         self._lock = threading.Lock()
         self.hits = 0
@@ -712,7 +723,10 @@ class PartitionCache:
         return (_resolved(str(arrays_path)), p, st.st_ino, st.st_size, st.st_mtime_ns)
 
     def holds(self, arrays_path: str | os.PathLike, p: int) -> bool:
-        """Whether partition ``p`` is cached (as it is on disk now)."""
+        """Whether partition ``p`` is cached (as it is on disk now). No file is looked at for a partition
+        of which no version is cached (a short-list over a large store asks for ~1,000 a query)."""
+        if not self._parts.get((_resolved(str(arrays_path)), p)):
+            return False
         try:
             key = self._key(arrays_path, p)
         except FileNotFoundError:
@@ -733,9 +747,13 @@ class PartitionCache:
             self.misses += 1
             if sp.nbytes <= self.max_bytes and key not in self._items:
                 self._items[key] = sp
+                self._parts[key[:2]] += 1
                 self._bytes += sp.nbytes
                 while self._bytes > self.max_bytes:
-                    _, old = self._items.popitem(last=False)
+                    gone, old = self._items.popitem(last=False)
+                    self._parts[gone[:2]] -= 1
+                    if not self._parts[gone[:2]]:
+                        del self._parts[gone[:2]]
                     self._bytes -= old.nbytes
         return sp
 
@@ -743,5 +761,6 @@ class PartitionCache:
         """Drop every decoded partition and reset the hit and miss counts."""
         with self._lock:
             self._items.clear()
+            self._parts.clear()
             self._bytes = 0
             self.hits = self.misses = 0

@@ -325,9 +325,12 @@ def test_partition_cache_is_bounded_and_never_stale(tmp_path):
         assert [got.maps.dense(i).tolist() for i in range(3)] == [m.tolist() for m in parts[p]]
         assert got.image_hw.tolist() == [[100 + p] * 2] * 3
     assert cache.hits == 1 and cache.misses == 4 and len(cache) == 2 and cache.nbytes <= 2.5 * one
+    assert [cache.holds(arrays, p) for p in range(4)] == [False, False, True, True]
     new = [_q_map(rng, 8, 4, 4, 0.5) for _ in range(3)]
     M.write_partition_maps(arrays, 3, new, np.zeros((3, 2)))  # rewritten: the cached copy is not served
+    assert not cache.holds(arrays, 3)
     assert np.array_equal(cache.get(arrays, 3).maps.dense(1), new[1])
+    assert cache.holds(arrays, 3) and len(cache) == 2
     with pytest.raises(FileNotFoundError):
         cache.get(arrays, 9)
 
@@ -474,6 +477,16 @@ def test_prefetch_asks_for_the_metadata_and_only_the_selected_frames(tmp_path, m
     M.prefetch(arrays, {0: None})
     assert advised == [(meta, 0, 0, os.POSIX_FADV_WILLNEED), (chunk, 0, 0, os.POSIX_FADV_WILLNEED)]
     assert np.array_equal(M.read_partition(arrays, 0, [1]).maps.dense(0), _dense(maps[1]))
+    old = time.time_ns() - 10 * M.RACY_NS  # metadata held (`partition_meta` keeps it): only the frames are hinted
+    os.utime(M.partition_path(arrays, 0) / "zarr.json", ns=(old, old))
+    M.partition_meta(arrays, 0)
+    advised.clear()
+    M.prefetch(arrays, {0: np.array([1])})
+    assert advised == [(chunk, int(off[1]), int(off[2] - off[1]), os.POSIX_FADV_WILLNEED)]
+    M.clear_meta_cache()  # forgotten: hinted again
+    advised.clear()
+    M.prefetch(arrays, {0: np.array([1])})
+    assert advised[0] == (meta, 0, 0, os.POSIX_FADV_WILLNEED)
 
 
 def test_hold_meta_keeps_the_partitions_that_have_maps(tmp_path):

@@ -18,10 +18,12 @@ every row scanned as a 4-bit product-quantisation code with FAISS's SIMD fast-sc
 sub-quantisers, D/4 bytes a row), and the best ``k_factor x k`` re-scored with 8-bit scalar-quantised
 vectors (``PQ{M}x4fs,Refine(SQ8)``; D + D/4 bytes a row: 1.6 GB at 1M x 1280 against 5.1 GB flat).
 ``rmac index --index-type pq --nlist N`` puts N IVF lists in front of the same codes
-(``IVF{N},PQ{M}x4fs,Refine(SQ8)``, ``nprobe`` stored as N / 8): at 1M with N = 1024 it filters in 8-9 ms
-as the client sees it, but the real query crops' recall@1000 is only 0.79-0.88 at nprobe 64-128
-(database images used as queries reached 0.95-0.97: they sit near their own list's centroid), so plain
-pq stays the measured choice for a top 1000 (docs/benchmarks.md).
+(``IVF{N},PQ{M}x4fs,Refine(SQ8)``, ``nprobe`` stored as 5/8 of the lists). The real query crops' deep
+neighbours are spread over many lists: at 1M with N = 1024, nprobe 64-128 filtered in 8-9 ms but kept only
+0.79-0.88 of the top 1000 (database images used as queries reached 0.95-0.97: they sit near their own
+list's centroid). With N = 256 at 1M x 1280 (two 500k-row shards, 2 workers), nprobe 128 kept 0.950 in
+13.8 ms and nprobe 160 (5/8) 0.964 in 15.1 ms, against plain pq's 0.983 in 20.5 ms in the same run: the
+fastest setting here that keeps recall@1000 >= 0.95 (docs/benchmarks.md). Plain pq stays the default.
 """
 from __future__ import annotations
 
@@ -34,6 +36,8 @@ from rmac.storage.store import Store
 CODECS = ("flat", "sq8")
 POINTS_PER_LIST = 64
 PQ_TRAIN = 65_536  # training vectors of a pq template (its codebooks have 16 centroids each)
+PQ_NPROBE_SHARE = 5 / 8  # of the lists in front of pq codes: recall@1000 0.96 at 1M with 256 lists (1/2: 0.95,
+# 1/8: 0.79-0.88 with 1024); docs/benchmarks.md
 PQ_K_FACTOR = 4.0  # stored in the template: recall@1000 0.98 at 100k and at 1M (2 shards of 500k), ~1-2 ms more
 # than k_factor 2 (0.90 / 0.94); docs/benchmarks.md
 TEMPLATE = "ivf_template.faiss"
@@ -106,8 +110,8 @@ def train_uncentred_pca(index, x: np.ndarray) -> None:
 
 def train_pq_template(store: Store, kind: str, m: int | None = None, seed: int = 0, folder: str | None = None,
                       k_factor: float = PQ_K_FACTOR, nlist: int | None = None, dim: int | None = None) -> dict:
-    """Train an empty pq index (`pq_factory`, with ``nlist`` IVF lists in front if given, probing nlist / 8
-    by default, and codes of ``dim``-D projections if given) on a sample of ``kind`` vectors and save it
+    """Train an empty pq index (`pq_factory`, with ``nlist`` IVF lists in front if given, probing `PQ_NPROBE_SHARE` of
+    them by default, and codes of ``dim``-D projections if given) on a sample of ``kind`` vectors and save it
     in the index folder (a Dask task, like `train_template`)."""
     import faiss
 
@@ -126,7 +130,7 @@ def train_pq_template(store: Store, kind: str, m: int | None = None, seed: int =
     faiss.downcast_index(index.index).k_factor = float(k_factor)
     if nlist:
         info["nlist"] = nlist
-        info["nprobe"] = faiss.extract_index_ivf(index).nprobe = max(1, nlist // 8)
+        info["nprobe"] = faiss.extract_index_ivf(index).nprobe = max(1, round(nlist * PQ_NPROBE_SHARE))
     folder = Path(folder) if folder else store.path / "index" / kind
     folder.mkdir(parents=True, exist_ok=True)
     save_shard(index, folder / TEMPLATE)
