@@ -22,8 +22,9 @@ vectors (``PQ{M}x4fs,Refine(SQ8)``; D + D/4 bytes a row: 1.6 GB at 1M x 1280 aga
 neighbours are spread over many lists: at 1M with N = 1024, nprobe 64-128 filtered in 8-9 ms but kept only
 0.79-0.88 of the top 1000 (database images used as queries reached 0.95-0.97: they sit near their own
 list's centroid). With N = 256 at 1M x 1280 (two 500k-row shards, 2 workers), nprobe 128 kept 0.950 in
-13.8 ms and nprobe 160 (5/8) 0.964 in 15.1 ms, against plain pq's 0.983 in 20.5 ms in the same run: the
-fastest setting here that keeps recall@1000 >= 0.95 (docs/benchmarks.md). Plain pq stays the default.
+13.8-16.9 ms and nprobe 160 (5/8) 0.964 in 15.1-19.7 ms, against plain pq's 0.983 in 20.1-22.8 ms
+(three runs): the fastest settings here that keep recall@1000 >= 0.95 (docs/benchmarks.md). Plain pq stays
+the default.
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ from rmac.storage.store import Store
 CODECS = ("flat", "sq8")
 POINTS_PER_LIST = 64
 PQ_TRAIN = 65_536  # training vectors of a pq template (its codebooks have 16 centroids each)
-PQ_NPROBE_SHARE = 5 / 8  # of the lists in front of pq codes: recall@1000 0.96 at 1M with 256 lists (1/2: 0.95,
+PQ_NPROBE_SHARE = 5 / 8  # of the lists in front of pq codes: recall@1000 0.96 at 1M with 256 lists (1/2: 0.950,
 # 1/8: 0.79-0.88 with 1024); docs/benchmarks.md
 PQ_K_FACTOR = 4.0  # stored in the template: recall@1000 0.98 at 100k and at 1M (2 shards of 500k), ~1-2 ms more
 # than k_factor 2 (0.90 / 0.94); docs/benchmarks.md
