@@ -490,8 +490,9 @@ def partition_meta(arrays_path: str | os.PathLike, p: int) -> PartitionMeta:
         raise FileNotFoundError(f"{path}: no stored maps for partition {p}") from None
     if time.time_ns() - st.st_mtime_ns < RACY_NS:
         return _parsed_meta.__wrapped__(path, st.st_ino, st.st_size, st.st_mtime_ns)
-    _HELD_META.add(path)
-    return _parsed_meta(path, st.st_ino, st.st_size, st.st_mtime_ns)
+    pm = _parsed_meta(path, st.st_ino, st.st_size, st.st_mtime_ns)
+    _HELD_META.add(path)  # parsed and kept: its zarr.json needs no hint any more
+    return pm
 
 
 # The partitions whose metadata `partition_meta` has kept, so that `prefetch` hints only the others'

@@ -333,12 +333,9 @@ def rerank_rows(store: Store, jobs: list[tuple[QueryVectors, list[int]]],
     part_of = {r: store.partition_of(r) for _, rows in jobs for r in rows}
     checked = _CHECKS.submit(store.missing_partition_chunks, sorted(set(part_of.values())))
     try:
-        out = _rerank_rows(store, jobs, whitening, params, cache, part_of)
-    except Exception:
+        return _rerank_rows(store, jobs, whitening, params, cache, part_of)
+    finally:  # damage found is the answer, over the rows' scores or the reads' own error
         _refuse_missing(store, checked.result())
-        raise
-    _refuse_missing(store, checked.result())
-    return out
 
 
 _CHECKS = ThreadPoolExecutor(4, thread_name_prefix="rmac-chunk-check")  # tasks of a many-thread worker check side by side
