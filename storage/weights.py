@@ -90,8 +90,8 @@ def load_state_dict(name: str, weights: str | os.PathLike | None = None) -> dict
 
 
 def load_backbone(name: str = DEFAULT_BACKBONE, weights: str | os.PathLike | None = None,
-                  random_weights: bool = False) -> tuple[nn.Module, BackboneSpec]:
-    """The eval-mode feature extractor of ``name`` and its spec.
+                  random_weights: bool = False, fast: bool = True) -> tuple[nn.Module, BackboneSpec]:
+    """The eval-mode feature extractor of ``name`` and its spec (``fast``: `build_backbone`'s).
 
     ``random_weights=True`` skips the checkpoint (for speed benchmarks only): the returned spec has
     ``random_weights=True`` and the model a ``random_weights`` attribute set, and evaluation must
@@ -99,11 +99,11 @@ def load_backbone(name: str = DEFAULT_BACKBONE, weights: str | os.PathLike | Non
     """
     spec = get_spec(name)
     if random_weights:
-        model = build_backbone(name, None)
+        model = build_backbone(name, None, fast)
         spec = dataclasses.replace(spec, random_weights=True,
                                    weights_source="random init (benchmarks only)")
     else:
-        model = build_backbone(name, load_state_dict(name, weights))
+        model = build_backbone(name, load_state_dict(name, weights), fast)
         if weights is not None:
             spec = dataclasses.replace(spec, weights_source=f"file {Path(weights).expanduser()}")
     model.random_weights = random_weights

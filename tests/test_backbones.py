@@ -168,13 +168,21 @@ def test_torchvision_backbone_loads_a_local_file_and_the_hub_cache(tmp_path, emp
     torch.save(state, path)
     model, spec = W.load_backbone("resnet50", weights=path)
     assert not spec.random_weights and str(path) in spec.weights_source
-    torch.testing.assert_close(model[0].weight, state["conv1.weight"])
-    torch.testing.assert_close(model[7][2].bn3.running_var, state["layer4.2.bn3.running_var"])
+    # the extractor has its batch norms folded in (`for_inference`): it computes what the file's own
+    # network computes up to layer4
+    reference = tvm.resnet50(weights=None)
+    reference.load_state_dict(state)
+    reference = torch.nn.Sequential(*list(reference.children())[:-2]).eval()
+    x = torch.randn(1, 3, 96, 128, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expected = reference(x)
+        tol = dict(atol=1e-5 * float(expected.abs().max()), rtol=1e-4)  # float rounding of the folded norms
+        torch.testing.assert_close(model(x), expected, **tol)
 
-    empty_hub.mkdir(parents=True)
-    (empty_hub / W.TORCHVISION_FILES["resnet50"]).symlink_to(path)
-    cached, _ = W.load_backbone("resnet50")
-    torch.testing.assert_close(cached[0].weight, state["conv1.weight"])
+        empty_hub.mkdir(parents=True)
+        (empty_hub / W.TORCHVISION_FILES["resnet50"]).symlink_to(path)
+        cached, _ = W.load_backbone("resnet50")
+        torch.testing.assert_close(cached(x), expected, **tol)
 
 
 class _Payload:
@@ -273,3 +281,32 @@ def test_vgg_and_alexnet_keep_pool5(name, expected):
     assert tuple(out.shape[-2:]) == B.map_shape(spec, hw, 1024)
     assert tuple(out.shape[-2:]) == ((24, 32) if name == "vgg16" and hw == (768, 1024) else
                                      (12, 16) if name == "vgg16" else expected)
+
+
+@pytest.mark.parametrize("name", ["efficientnet-lite0", "mobilenet-v2", "resnet50"])
+def test_inference_form_computes_the_same_function(name):
+    """`for_inference` (batch norms folded, SAME padding left to the convolution where centred, in-place
+    activations) changes the extractor's speed, not its function: same maps up to float rounding, on
+    even and odd sides (TF SAME padding centred and uneven), with batch norms whose statistics are not
+    the identity."""
+    import copy
+
+    from torch import nn
+
+    torch.manual_seed(0)
+    _, features, _ = B._efficientnet_lite(name) if name.startswith("efficientnet") else B._torchvision(name)
+    for m in features.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    reference = copy.deepcopy(features.eval())
+    fast = B.for_inference(features)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.modules())
+    for hw in [(64, 96), (65, 97), (97, 66)]:
+        x = torch.randn(1, 3, *hw)
+        with torch.inference_mode():
+            expected = reference(x)
+            got = fast(x.contiguous(memory_format=torch.channels_last))
+        torch.testing.assert_close(got, expected, atol=1e-5 * float(expected.abs().max()), rtol=1e-4)

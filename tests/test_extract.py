@@ -106,7 +106,8 @@ def test_stored_features_match_a_plain_forward_pass(client, photos, tmp_path):
     for (q, scale), (_, path), m in zip(store.read_maps(range(6)), items, store.arrays["mac"][:6]):
         x = activations(model, spec, load_image(path), max_size=MAX_SIZE)
         assert q.shape == x.shape
-        np.testing.assert_allclose(m, mac(x), rtol=1e-4, atol=1e-5)
+        # float rounding only: the store's batched forward passes and this single one take different kernels
+        np.testing.assert_allclose(m, mac(x), rtol=1e-4, atol=5e-5)
         # quantisation error is at most half a level (values above the clip aside)
         err = np.abs(dequantise(q, scale) - np.minimum(x, scale * q.max()))
         assert err.max() <= 0.5 * scale + 1e-5

@@ -17,6 +17,7 @@ BENCHES = {
     "aml": ("aml", "AML vs exhaustive (Table 1), integral approximation (Fig. 3), re-ranking speed"),
     "quantisation": ("quality", "re-ranking mAP with float vs quantised maps, and bytes per image"),
     "extract": ("extract", "Dask extraction vs a plain torch loop"),
+    "forward": ("forward", "the extractor's forward pass as rmac runs it vs the package's modules"),
     "search": ("search", "filter / re-rank / QE times, 1 vs 2 workers"),
     "grow": ("grow", "index after a store grew by a tenth: incremental vs full"),
     "localisation": ("localisation", "AML / exhaustive windows vs exact boxes on views: IoU by object size, query scales"),
