@@ -184,9 +184,9 @@ def for_inference(features: nn.Module) -> nn.Module:
     """The eval-mode extractor rewritten for speed, computing the same function: every batch norm
     folded into the convolution before it (``torch.nn.utils.fusion.fuse_conv_bn_eval``; the norm
     becomes an identity), TF "SAME" convolutions as `SamePadConv2d`, and ReLU / ReLU6 in place. On
-    EfficientNet-Lite0 this halves a CPU forward pass (norms, activations and padding copies were half
-    of it, docs/benchmarks.md); the activations move by float rounding only (~5e-5 of values up to
-    ~14). Modified in place and returned."""
+    EfficientNet-Lite0 a CPU forward pass takes ~0.6 (two threads) to ~0.75 (one) of its time (norms,
+    activations and padding copies were half of it; `rmac bench forward`, docs/benchmarks.md); the
+    activations move by float rounding only (~6e-5 of values up to ~14). Modified in place and returned."""
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
     def fold(parent: nn.Module, conv_name: str, bn_name: str) -> None:
@@ -221,7 +221,7 @@ def build_backbone(name: str = DEFAULT_BACKBONE, state_dict: dict | None = None,
     """The feature extractor ``(B, 3, H, W) -> (B, K, h, w)``, non-negative and uncapped, in eval mode.
 
     ``state_dict`` is the full classifier's checkpoint (the file's keys); None keeps the random init.
-    ``fast`` rewrites it with `for_inference` (same function, half the CPU time); False keeps the
+    ``fast`` rewrites it with `for_inference` (same function, ~0.6-0.75 of the CPU time); False keeps the
     modules as the network's package defines them (the plain loop of `rmac bench extract`).
     """
     return _build(name, state_dict, fast)[0]
@@ -233,7 +233,7 @@ def classifier_head(name: str, state_dict: dict | None = None) -> nn.Module:
     It re-applies what the extractor removed (the ReLU6 cap of EfficientNet-Lite / MobileNetV2), so the
     pair computes exactly the original network: a check that real weights were loaded.
     """
-    return _build(name, state_dict)[1]
+    return _build(name, state_dict, fast=False)[1]
 
 
 # ---------------------------------------------------------------------------- geometry
