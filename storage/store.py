@@ -368,12 +368,16 @@ class Store:
     def partition_problems(self, p: int, read_data: bool = True) -> list[str]:
         """What is wrong with finished partition ``p``: its record vs its id table, chunk files missing,
         and (``read_data``) each array's rows vs the checksum recorded at extraction."""
+        return self._partition_check(p, read_data)[0]
+
+    def _partition_check(self, p: int, read_data: bool) -> tuple[list[str], _maps.SparseMaps | None]:
+        """`partition_problems`, and the partition's maps as the check decoded them (None where it did not)."""
         out = []
         try:
             doc = self.partition_doc(p)
             ids, _ = self.partition_ids(p)
         except StoreError as e:
-            return [str(e)]
+            return [str(e)], None
         rows = self.partition_rows(p)
         if [r.get("id") for r in doc["records"]] != ids or len(ids) != len(rows):
             out.append(f"partition {p}: record holds {len(doc['records'])} images, the id table {len(ids)}, "
@@ -381,25 +385,30 @@ class Store:
         out += [f"partition {p}: chunk missing: arrays/{m}" for m in self.missing_chunks(rows.start, rows.stop)]
         if not _maps.chunk_file(self.path / "arrays", p).is_file():
             out.append(f"partition {p}: chunk missing: arrays/maps/{_maps.partition_name(p)}/c/0")
+        maps = None
         if read_data and not out:
             out += self.row_problems(p, rows.start, rows.stop, doc=doc)
-            out += self.maps_problems(p, doc)
-        return out
+            problems, maps = self._maps_check(p, doc)
+            out += problems
+        return out, (maps if not out else None)
 
     def maps_problems(self, p: int, doc: dict | None = None) -> list[str]:
         """Partition ``p``'s sparse map codes read back, decoded and compared with its record's checksum."""
+        return self._maps_check(p, doc)[0]
+
+    def _maps_check(self, p: int, doc: dict | None) -> tuple[list[str], _maps.SparseMaps | None]:
         doc = doc if doc is not None else self.partition_doc(p)
         name = f"arrays/maps/{_maps.partition_name(p)}"
         try:
-            _maps.read_partition(self.path / "arrays", p)
+            maps = _maps.read_partition(self.path / "arrays", p).maps
             got = _maps.codes_digest(self.path / "arrays", p)
         except Exception as e:  # a truncated / corrupt chunk: any codec error
-            return [f"partition {p}: {name} unreadable ({type(e).__name__}: {e})"]
+            return [f"partition {p}: {name} unreadable ({type(e).__name__}: {e})"], None
         if "maps_checksum" not in doc:
-            return [f"partition {p}: no checksum recorded for {name}"]
+            return [f"partition {p}: no checksum recorded for {name}"], None
         if got != doc["maps_checksum"]:
-            return [f"partition {p}: {name} does not match its checksum"]
-        return []
+            return [f"partition {p}: {name} does not match its checksum"], None
+        return [], maps
 
     def row_problems(self, p: int, start: int, stop: int, names: Iterable[str] | None = None,
                      doc: dict | None = None, data: dict[str, np.ndarray] | None = None) -> list[str]:
@@ -426,12 +435,14 @@ class Store:
                                f"({doc['records'][r - first].get('id')}) does not match its checksum")
         return out
 
-    def verify_partition(self, p: int) -> None:
-        """Refuse a damaged partition (StoreError naming what is wrong)."""
-        problems = self.partition_problems(p)
+    def verify_partition(self, p: int) -> _maps.SparseMaps:
+        """Refuse a damaged partition (StoreError naming what is wrong); return its maps as the check
+        decoded them, for a caller that reads them next (`read_sparse_rows(..., decoded=)`)."""
+        problems, maps = self._partition_check(p, True)
         if problems:
             raise StoreError(f"{self.path}: {problems[0]}{f' (+{len(problems) - 1} more)' if len(problems) > 1 else ''}"
                              f": the store is damaged; run `rmac verify {self.path}`")
+        return maps
 
     def partition_doc(self, p: int) -> dict:
         """The record file of partition ``p``: ``{"records": [...], "row_checksums": {array: [sha per row]}}``."""
@@ -525,17 +536,20 @@ class Store:
         scales. Each partition's codes are read and decoded once."""
         return [(maps.dense(i), scale) for maps, i, scale in self.read_sparse_rows(rows)]
 
-    def read_sparse_rows(self, rows: Iterable[int]) -> list[tuple[_maps.SparseMaps, int, float]]:
+    def read_sparse_rows(self, rows: Iterable[int], decoded: dict[int, _maps.SparseMaps] | None = None
+                         ) -> list[tuple[_maps.SparseMaps, int, float]]:
         """Per row of ``rows``: its partition's `SparseMaps`, the row's map number in them and its scale.
-        Each partition's codes are read and decoded once; the rows' data files must be there and their
-        scales match the record."""
+        Each partition's codes are read and decoded once (not at all where ``decoded`` has its maps, e.g.
+        from `verify_partition`); the rows' data files must be there and their scales match the record."""
         rows = [int(r) for r in rows]
         if not rows:
             return []
         lo, hi = min(rows), max(rows) + 1
         self.require_chunks(lo, hi)
         scale = self.read_checked(lo, hi, ("scale",))["scale"]  # checked against the record
-        decoded = {p: self.read_sparse(p).maps for p in sorted({self.partition_of(r) for r in rows})}
+        given = decoded or {}
+        decoded = {p: given[p] if p in given else self.read_sparse(p).maps
+                   for p in sorted({self.partition_of(r) for r in rows})}
         first = {p: self.partition_rows(p).start for p in decoded}
         return [(decoded[p], r - first[p], float(scale[r - lo]))
                 for r, p in ((r, self.partition_of(r)) for r in rows)]

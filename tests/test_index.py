@@ -378,3 +378,11 @@ def test_regional_vectors_from_the_stored_non_zeros_equal_the_dense_path(dev_sto
     assert len(got) == len(want) == len(rows)
     for g, w in zip(got, want):
         assert g.shape == w.shape and np.array_equal(g, w)
+    # the vector stage hands over the maps its integrity check decoded (`verify_partition`) instead of
+    # reading them again: the same vectors
+    p = dev_store.partition_of(rows[0])
+    mine = [r for r in rows if dev_store.partition_of(r) == p]
+    checked = dev_store.verify_partition(p)
+    assert checked.map_hw.shape == dev_store.read_sparse(p).maps.map_hw.shape
+    for g, w in zip(regional_vectors_of(dev_store, mine, DEFAULT_L, {p: checked}), got[:len(mine)]):
+        assert np.array_equal(g, w)
