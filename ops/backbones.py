@@ -166,7 +166,7 @@ class SamePadConv2d(nn.Conv2d):
     tensor; only uneven padding (the extra row or column on the bottom / right) still pads first."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ph, pw = (max((math.ceil(n / s) - 1) * s + (k - 1) * d + 1 - n, 0)
+        ph, pw = (same_padding(n, (k - 1) * d + 1, s)
                   for n, s, k, d in zip(x.shape[-2:], self.stride, self.weight.shape[-2:], self.dilation))
         if ph % 2 or pw % 2:
             x = nn.functional.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
@@ -248,11 +248,16 @@ def resized_hw(image_hw: tuple[int, int], max_size: int) -> tuple[int, int]:
     return max(1, round(h * scale)), max(1, round(w * scale))
 
 
+def same_padding(n: int, k: int, s: int) -> int:
+    """Pixels of TF "SAME" padding in all, along a side of ``n`` inputs, for a ``k``-wide window at stride
+    ``s`` (output ``ceil(n / s)``); the smaller half goes before the first input."""
+    return max((-(-n // s) - 1) * s + k - n, 0)
+
+
 def _layer(n: int, k: int, s: int, p: int) -> tuple[int, int]:
     """Output size of one layer on ``n`` inputs and the padding before the first input."""
     if p == SAME:
-        out = -(-n // s)
-        return out, max((out - 1) * s + k - n, 0) // 2
+        return -(-n // s), same_padding(n, k, s) // 2
     return ((n + 2 * p - k) // s + 1 if n + 2 * p >= k else 0), p
 
 

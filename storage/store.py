@@ -548,10 +548,10 @@ class Store:
         self.require_chunks(lo, hi)
         scale = self.read_checked(lo, hi, ("scale",))["scale"]  # checked against the record
         given = decoded or {}
-        decoded = {p: given[p] if p in given else self.read_sparse(p).maps
-                   for p in sorted({self.partition_of(r) for r in rows})}
-        first = {p: self.partition_rows(p).start for p in decoded}
-        return [(decoded[p], r - first[p], float(scale[r - lo]))
+        maps = {p: given[p] if p in given else self.read_sparse(p).maps
+                for p in sorted({self.partition_of(r) for r in rows})}
+        first = {p: self.partition_rows(p).start for p in maps}
+        return [(maps[p], r - first[p], float(scale[r - lo]))
                 for r, p in ((r, self.partition_of(r)) for r in rows)]
 
     def prefetch_maps(self, wanted: dict[int, np.ndarray | None]) -> None:
