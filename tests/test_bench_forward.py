@@ -14,6 +14,9 @@ def test_bench_forward_cli(tmp_path, capsys):
     assert out["queries"] == 2 and out["threads"] == 1
     assert [len(v) for v in out["runs"].values()] == [2, 2]
     assert out["package_s"] > 0 and out["for_inference_s"] > 0
-    assert abs(out["ratio_for_inference_over_package"] - out["for_inference_s"] / out["package_s"]) < 0.01
+    # the ratio of the medians themselves, which the printed seconds give only to their rounding (half a
+    # ms each, on rounds of ~0.02 s at this size); the ratio is rounded to 3 places itself
+    ratio, f, p, h = out["ratio_for_inference_over_package"], out["for_inference_s"], out["package_s"], 0.0005
+    assert (f - h) / (p + h) - h <= ratio <= (f + h) / (p - h) + h
     assert 0 < out["max_abs_activation_difference"] < 1e-3  # folded, not the same modules; same function
     assert json.loads(capsys.readouterr().out)["queries"] == 2
