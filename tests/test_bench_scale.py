@@ -107,7 +107,7 @@ def test_a_small_run_end_to_end_then_reused(scheduler, tmp_path):
                for k in (*pq, "exact_workers"))
     assert res["approximate"]["pq"]["factory"] == "IDMap,PQ640x4fs,Refine(SQ8)"
     assert res["approximate"]["pq_d128"]["factory"] == "IDMap,PCA128,PQ64x4fs,Refine(SQ8)"
-    assert res["approximate"]["pq_d128_ivf4"]["factory"] == "IDMap,PCA128,IVF4,PQ64x4fs,Refine(SQ8)"
+    assert res["approximate"]["pq_d128_ivf4"]["factory"] == "IDMap,PCA128,IVF4,PQ64x4fsr,Refine(SQ8)"
     assert res["approximate"]["pq_d128"]["scan_dim"] == 128
     assert res["approx_shard_rows"] == 150  # one shard per worker
     assert res["query_filter"] in pq

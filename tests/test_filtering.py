@@ -172,7 +172,7 @@ def test_pq_and_flat16_indexes_through_the_workers(client, dev_store, tmp_path, 
         assert info["pq"]["rmac"]["factory"].startswith(
             "IDMap,IVF4,PQ" if nlist else "IDMap,PCA128,PQ64x4fs" if pq_dim else "IDMap,PQ")
         assert info["trained_with"] == {"nlist": nlist, "ivf_codec": "flat", "pq_m": None, "pq_dim": pq_dim}
-        assert info["pq"]["rmac"].get("nprobe") == (round(4 * 5 / 8) if nlist else None)  # 5/8 of the lists
+        assert info["pq"]["rmac"].get("nprobe") == (round(4 * 3 / 8) if nlist else None)  # 3/8 of the lists
         assert info["pq"]["rmac"]["k_factor"] == PQ_K_FACTOR == 4  # stored in every shard
         assert "pq_train_s" in info["timings"]
     flat = Database([Store(dev_store.path)])

@@ -260,7 +260,7 @@ def test_pq_factory_sizes():
     with pytest.raises(ValueError, match="divide"):
         pq_factory(10, 3)
     assert pq_factory(1280, dim=512) == "IDMap,PCA512,PQ256x4fs,Refine(SQ8)"  # the re-scoring stays 1280-D
-    assert pq_factory(1280, 128, 1024, dim=512) == "IDMap,PCA512,IVF1024,PQ128x4fs,Refine(SQ8)"
+    assert pq_factory(1280, 128, 1024, dim=512) == "IDMap,PCA512,IVF1024,PQ128x4fsr,Refine(SQ8)"
     assert pq_factory(64, dim=64) == "IDMap,PQ32x4fs,Refine(SQ8)"  # every axis: no projection
     with pytest.raises(ValueError, match="pq-dim"):
         pq_factory(64, dim=65)
@@ -341,8 +341,9 @@ def test_pq_behind_ivf_lists_probes_the_stored_nprobe_and_keeps_k_factor(tmp_pat
     d, n, nlist = 32, 12_000, 32
     X = l2n(rng.standard_normal((n, d)) + 0.5 * rng.standard_normal((1, d)))
     Q = l2n(X[rng.choice(n, 40, replace=False)] + 0.3 * rng.standard_normal((40, d)).astype(np.float32))
-    assert pq_factory(d, None, nlist) == "IDMap,IVF32,PQ16x4fs,Refine(SQ8)"
+    assert pq_factory(d, None, nlist) == "IDMap,IVF32,PQ16x4fsr,Refine(SQ8)"
     template = faiss.index_factory(d, pq_factory(d, None, nlist), faiss.METRIC_INNER_PRODUCT)
+    assert faiss.extract_index_ivf(template).by_residual  # codes of the residuals from the list centroids
     template.train(X[rng.choice(n, 4000, replace=False)])
     faiss.downcast_index(template.index).k_factor = 4.0
     faiss.extract_index_ivf(template).nprobe = nlist // 8

@@ -519,8 +519,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="pq: code the vectors' projections on their top PQ_DIM principal axes (default: all "
                              "D); the candidates are still re-scored with the whole vectors (docs/benchmarks.md)")
     parser.add_argument("--nlist", type=int, help="IVF lists (default about 4 sqrt(N), a power of two); with "
-                        "--index-type pq: IVF lists in front of the pq codes, 5/8 of them probed (default none; 256 at 1M: "
-                        "recall@1000 0.96 in ~4/5 of plain pq's time, docs/benchmarks.md)")
+                        "--index-type pq: IVF lists in front of the pq codes (codes of the residuals), 3/8 of them probed "
+                        "(default none; 1024 at 1M: recall@1000 0.956 in ~2/3 of plain pq's time, docs/benchmarks.md)")
     parser.add_argument("--ivf-codec", choices=("flat", "sq8"), default="flat",
                         help="IVF list storage: float vectors or 8-bit scalar quantised (default %(default)s)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")

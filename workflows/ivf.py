@@ -17,14 +17,16 @@ recall@1000 0.83-0.89 (docs/benchmarks.md). The "pq" index reaches 0.98 there an
 every row scanned as a 4-bit product-quantisation code with FAISS's SIMD fast-scan (``M = D/2``
 sub-quantisers, D/4 bytes a row), and the best ``k_factor x k`` re-scored with 8-bit scalar-quantised
 vectors (``PQ{M}x4fs,Refine(SQ8)``; D + D/4 bytes a row: 1.6 GB at 1M x 1280 against 5.1 GB flat).
-``rmac index --index-type pq --nlist N`` puts N IVF lists in front of the same codes
-(``IVF{N},PQ{M}x4fs,Refine(SQ8)``, ``nprobe`` stored as 5/8 of the lists). The real query crops' deep
-neighbours are spread over many lists: at 1M with N = 1024, nprobe 64-128 filtered in 8-9 ms but kept only
-0.79-0.88 of the top 1000 (database images used as queries reached 0.95-0.97: they sit near their own
-list's centroid). With N = 256 at 1M x 1280 (two 500k-row shards, 2 workers), nprobe 128 kept 0.950 in
-13.8-16.9 ms and nprobe 160 (5/8) 0.964 in 15.1-19.7 ms, against plain pq's 0.983 in 20.1-22.8 ms
-(three runs): the fastest settings here that keep recall@1000 >= 0.95 (docs/benchmarks.md). Plain pq stays
-the default.
+``rmac index --index-type pq --nlist N`` puts N IVF lists in front of codes of the same size, each row
+coded as its residual from its list's centroid (``IVF{N},PQ{M}x4fsr,Refine(SQ8)``, ``nprobe`` stored as
+3/8 of the lists). The real query crops' deep neighbours are spread over many lists: with codes of the
+rows themselves (FAISS's ``x4fs``, used until residuals were measured) 1024 lists at nprobe 64-128 kept only
+0.79-0.88 of the top 1000 at 1M, and 256 lists needed nprobe 160 (5/8) for 0.964 in ~4/5 of plain pq's
+time. Residual codes rank the candidates better for the same bytes and scan, which pays most with finer
+lists: on one 500k-row shard of the 1M store (one thread, interleaved) 1024 lists at nprobe 384 keep 0.961
+in 8.9 ms where 256 lists at nprobe 160 keep 0.959 in 13.2 ms; through the system at 1M x 1280 (two
+shards, 2 workers) 0.956 in 0.61-0.67 of plain pq's time, measured in the same runs (docs/benchmarks.md).
+Plain pq stays the default.
 """
 from __future__ import annotations
 
@@ -37,8 +39,8 @@ from rmac.storage.store import Store
 CODECS = ("flat", "sq8")
 POINTS_PER_LIST = 64
 PQ_TRAIN = 65_536  # training vectors of a pq template (its codebooks have 16 centroids each)
-PQ_NPROBE_SHARE = 5 / 8  # of the lists in front of pq codes: recall@1000 0.96 at 1M with 256 lists (1/2: 0.950,
-# 1/8: 0.79-0.88 with 1024); docs/benchmarks.md
+PQ_NPROBE_SHARE = 3 / 8  # of the lists in front of pq codes (residual codes): recall@1000 0.96 with 1024 lists on a
+# 500k-row 1M shard (5/16: 0.954; 256 lists need 5/8 for the same); docs/benchmarks.md
 PQ_K_FACTOR = 4.0  # stored in the template: recall@1000 0.98 at 100k and at 1M (2 shards of 500k), ~1-2 ms more
 # than k_factor 2 (0.90 / 0.94); docs/benchmarks.md
 TEMPLATE = "ivf_template.faiss"
@@ -73,7 +75,8 @@ def sample_rows(store: Store, kind: str, size: int, seed: int = 0) -> np.ndarray
 
 def pq_factory(d: int, m: int | None = None, nlist: int | None = None, dim: int | None = None) -> str:
     """The FAISS factory string of a pq index over ``d``-D vectors: ``m`` sub-quantisers (default: two
-    dimensions each; an odd dimension gets one each), behind ``nlist`` IVF lists if given. ``dim``: the
+    dimensions each; an odd dimension gets one each), behind ``nlist`` IVF lists if given (then coding
+    each row's residual from its list's centroid). ``dim``: the
     codes are of the vectors projected on their top ``dim`` principal axes (``PCA{dim}``, made uncentred
     by `train_uncentred_pca`); the candidates are still re-scored with the whole ``d``-D vectors."""
     scan = int(dim or d)
@@ -83,7 +86,11 @@ def pq_factory(d: int, m: int | None = None, nlist: int | None = None, dim: int 
     if scan % m:
         raise ValueError(f"--pq-m {m} must divide the dimension scanned, {scan}")
     pca = f"PCA{scan}," if dim and scan < d else ""
-    return f"IDMap,{pca}{f'IVF{int(nlist)},' if nlist else ''}PQ{m}x4fs,Refine(SQ8)"
+    if not nlist:
+        return f"IDMap,{pca}PQ{m}x4fs,Refine(SQ8)"
+    # behind lists the codes are of each row's residual from its list's centroid (FAISS's "x4fsr"):
+    # finer codes for the same bytes and the same scan (inner products split into centroid + residual)
+    return f"IDMap,{pca}IVF{int(nlist)},PQ{m}x4fsr,Refine(SQ8)"
 
 
 def train_uncentred_pca(index, x: np.ndarray) -> None:
