@@ -332,9 +332,9 @@ def test_a_shard_added_chunk_by_chunk_is_the_shard_built_at_once(kind):
 
 
 def test_pq_behind_ivf_lists_probes_the_stored_nprobe_and_keeps_k_factor(tmp_path):
-    """``rmac index --index-type pq --nlist N``: IVF lists in front of the fast-scan codes. The shards
-    probe the template's nprobe (nlist / 8); a per-call nprobe reaches them without resetting their
-    k_factor; probing every list finds the deep neighbours as the plain pq does."""
+    """``rmac index --index-type pq --nlist N``: IVF lists in front of fast-scan codes of the residuals.
+    The shards probe the template's nprobe (set to nlist / 8 here); a per-call nprobe reaches them
+    without resetting their k_factor; probing every list finds the deep neighbours as the plain pq does."""
     from rmac.workflows.ivf import pq_factory
 
     rng = np.random.default_rng(8)
