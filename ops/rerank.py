@@ -46,7 +46,7 @@ from rmac.ops.integral import (
     sparse_maps,
 )
 from rmac.ops.pooling import l2n, rmac_aggregate, rmac_aggregate_many
-from rmac.ops.regions import rmac_regions
+from rmac.ops.regions import region_grid
 
 __all__ = [
     "RerankResult",
@@ -86,7 +86,7 @@ def localised_mac(
 
 def _box_regions(box, L: int) -> np.ndarray:
     x, y, w, h = (int(v) for v in box)
-    regions = rmac_regions(w, h, L).copy()
+    regions = region_grid(w, h, L).copy()
     regions[:, 0] += x
     regions[:, 1] += y
     return regions
@@ -115,7 +115,7 @@ def _region_table(H: int, W: int, L: int) -> tuple[np.ndarray, np.ndarray, np.nd
     n = 0
     for h in range(1, H + 1):
         for w in range(1, W + 1):
-            r = rmac_regions(w, h, L)
+            r = region_grid(w, h, L)
             start[h, w], count[h, w] = n, len(r)
             rows.append(r)
             n += len(r)
@@ -332,7 +332,7 @@ def _run_blocks(N, K, Hm, Wm, qv, q_rmac, whitening, L, query_aspect, s, n_threa
         if q_r.shape[0] != D:
             raise ValueError(f"query R-MAC has {q_r.shape[0]} dimensions, localised R-MACs {D}")
         # sizes rounded up to 8 cells: a batch's largest map varies a little from query to query, and
-        # each new table costs ~0.15 s (one `rmac_regions` per box size) while a bigger one costs nothing
+        # a new table costs up to ~0.15 s (a `region_grid` per box size not made before), a bigger one nothing
         tables = _region_table(-(-int(Hm) // 8) * 8, -(-int(Wm) // 8) * 8, int(L))
     else:  # no regions: the MAC variant
         tables = (np.zeros((1, 4), np.int64), np.zeros((1, 1), np.int64), np.zeros((Hm + 1, Wm + 1), np.int64))

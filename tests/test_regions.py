@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rmac.ops.regions import rmac_regions
+from rmac.ops.regions import region_grid, rmac_regions
 
 
 def matlab_regions(W, H, L, dtype=float):
@@ -146,3 +146,16 @@ def test_level_one_covers_long_side(W, H):
     else:
         assert len(r) == 7
     assert starts[0] == 0 and starts[-1] + short == long_
+
+
+def test_region_grid_is_rmac_regions_kept_read_only():
+    """`region_grid` (the cached grid the index and re-ranking share) is `rmac_regions`, the same array on
+    every call, and cannot be changed in place by one user under another."""
+    import pytest
+
+    for W, H, L in [(30, 22, 3), (2, 32, 2), (1, 1, 3), (17, 17, 4)]:
+        g = region_grid(W, H, L)
+        np.testing.assert_array_equal(g, rmac_regions(W, H, L))
+        assert region_grid(W, H, L) is g
+        with pytest.raises(ValueError):
+            g[0, 0] = 1

@@ -16,7 +16,7 @@ import argparse
 import json
 import os
 import time
-from functools import lru_cache, reduce
+from functools import reduce
 from typing import NamedTuple
 
 import numpy as np
@@ -24,7 +24,7 @@ import numpy as np
 from rmac.ops import whitening as wh
 from rmac.ops.pooling import l2n, regional_mac, regional_mac_sparse, rmac_aggregate_many
 from rmac.ops.quantise import dequantise
-from rmac.ops.regions import rmac_regions
+from rmac.ops.regions import region_grid, rmac_regions
 from rmac.storage import checksums, ids as id_tables
 from rmac.storage.index import KINDS, TRAINED_KINDS, shard_file
 from rmac.storage.store import Store, StoreError, _write_json_atomic, whitening_set_id
@@ -61,18 +61,8 @@ def regional_vectors_of(store: Store, rows: list[int], L: int = DEFAULT_L, decod
     out = []
     for sp, i, scale in store.read_sparse_rows(rows, decoded):
         h, w = (int(v) for v in sp.map_hw[i])
-        out.append(l2n(regional_mac_sparse(sp, i, _region_grid(w, h, L), scale)))
+        out.append(l2n(regional_mac_sparse(sp, i, region_grid(w, h, L), scale)))
     return out
-
-
-@lru_cache(maxsize=4096)
-def _region_grid(w: int, h: int, L: int) -> np.ndarray:
-    """`rmac_regions`, kept per map size for the process: a grid costs ~0.2 ms to make, and a store's maps
-    come in a few hundred sizes (at 1M, a partition's 128 maps needed ~90 new grids a partition when they
-    were kept per call: 10 % of the vector stage)."""
-    grid = rmac_regions(w, h, L)
-    grid.flags.writeable = False
-    return grid
 
 
 def _partition_rows(store: Store, p: int, subset: np.ndarray | None) -> list[int]:
